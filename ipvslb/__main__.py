@@ -1,0 +1,3 @@
+from ipvslb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The typed configuration model every other module works with.
+
+Plain frozen dataclasses: `config` builds them from YAML (and is the only module that
+parses), `ipvs` turns services into netlink messages, `health` reads its settings from
+`HealthSettings`. Defaults here are the documented defaults (docs/configuration.md).
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+Protocol = Literal["tcp", "udp"]
+Forwarding = Literal["masq", "route", "tunnel"]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos")
+# Names as ipvsadm spells them; the kernel knows them as IP_VS_SVC_F_SCHED1..3.
+SCHEDULER_FLAGS = ("flag-1", "flag-2", "flag-3", "sh-fallback", "sh-port", "mh-fallback", "mh-port")
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Passive health and re-admission; see ../shared/design/health.md for the reasoning."""
+
+    enabled: bool = True
+    # Adaptive connect deadline: max(floor, multiple x recent connect-time p99).
+    connect_deadline_floor: float = 0.200
+    connect_deadline_multiple: float = 4.0
+    # Connects needed before the deadline is trusted; before that only the first SYN
+    # retransmit (1 s) counts as a soft failure.
+    connect_history_min: int = 20
+    failure_threshold: int = 3
+    # None means floor(N/2), at least 1 when N >= 2.
+    max_quarantined: int | None = None
+    correlated_fraction: float = 0.5
+    correlated_window: float = 2.0
+    quarantine_weight: int = 0
+    probe_backoff_initial: float = 1.0
+    probe_backoff_factor: float = 2.0
+    probe_backoff_max: float = 30.0
+    probe_jitter: float = 0.2
+    rise: int = 2
+    slow_start: float = 10.0
+    slow_start_initial_fraction: float = 0.1
+    probation: float = 30.0
+    # UDP: requests without a reply inside this window are a soft failure.
+    udp_reply_window: float = 1.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: IPAddress
+    port: int
+    weight: int = 1
+
+    @property
+    def key(self) -> tuple[IPAddress, int]:
+        return (self.address, self.port)
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    protocol: Protocol
+    vip: IPAddress
+    port: int
+    backends: tuple[Backend, ...]
+    scheduler: str = "wlc"
+    persistence_timeout: int = 0
+    forwarding: Forwarding = "masq"
+    scheduler_flags: tuple[str, ...] = ()
+    health: HealthSettings = field(default_factory=HealthSettings)
+
+    @property
+    def key(self) -> tuple[Protocol, IPAddress, int]:
+        return (self.protocol, self.vip, self.port)
+
+    @property
+    def family(self) -> int:
+        return self.vip.version
+
+
+@dataclass(frozen=True)
+class Sysctls:
+    """IPVS sysctls the daemon sets at start; docs/configuration.md says why each."""
+
+    conntrack: bool = True
+    expire_nodest_conn: bool = True
+    expire_quiescent_template: bool = True
+    # "auto" picks 0 before kernel 5.9 (reused ports would stall 1 s) and 1 from 5.9 on.
+    conn_reuse_mode: Literal["auto", 0, 1, 2] = "auto"
+
+
+@dataclass(frozen=True)
+class TracerSettings:
+    connection_capacity: int = 65536
+    ring_buffer_pages: int = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    vip_interface: str = "ipvslb0"
+    manage_vips: bool = True
+    state_dir: str = "/var/lib/ipvslb"
+    status_socket: str = "/run/ipvslb/status.sock"
+    metrics_address: str = "127.0.0.1:9742"
+    log_level: str = "info"
+    sysctls: Sysctls = field(default_factory=Sysctls)
+    tracer: TracerSettings = field(default_factory=TracerSettings)
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings = field(default_factory=Settings)
+    services: tuple[Service, ...] = ()
