@@ -153,11 +153,13 @@ def link(path: Path, target: Path) -> None:
 def publish(root: Path, release: str) -> None:
     """Make modules visible at /lib/modules/<release> and headers at its build link."""
     mods = modules_dir(root, release)
-    headers = root / "usr/src" / f"linux-headers-{release}"
-    build = mods / "build"
-    if build.is_symlink() or build.exists():
-        build.unlink()
-    build.symlink_to(headers)
+    # The packages' build/source links may be absolute (/usr/src/...): re-point them into
+    # the extracted tree. bcc reads kconfig.h and friends from `source` (the -common headers).
+    for name in ("build", "source"):
+        entry = mods / name
+        if entry.is_symlink() and os.path.isabs(target := os.readlink(entry)) and not target.startswith(str(root)):
+            entry.unlink()
+            entry.symlink_to(root / target.lstrip("/"))
     link(Path("/lib/modules") / release, mods)
     if not (mods / "modules.dep.bin").exists():
         log(f"depmod {release}")

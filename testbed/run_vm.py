@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Run a command (by default the kernel test suite) inside one VM per Debian kernel.
+
+    testbed/run_vm.py --kernels "6.1 6.12 newest"               # pytest tests/kernel
+    testbed/run_vm.py --kernels 6.12 -- -k smoke -x              # extra pytest arguments
+    testbed/run_vm.py --kernels 6.1 --exec "python3 -m ipvslb demo-guest"
+
+Each VM is virtme-ng under QEMU TCG (KVM aborts on these machines) with the host's root
+filesystem copy-on-write and 2 GiB. The guest writes its log, exit code and dmesg into a
+results directory shared with --rwdir; the host follows the log live, then prints one
+summary line per kernel. The run fails if any kernel's command fails, times out, or its
+dmesg shows BUG:/WARNING:/Oops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels  # noqa: E402
+
+REPO = kernels.REPO
+RESULTS = kernels.CACHE / "results"
+DMESG_BAD = re.compile(r"BUG:|WARNING:|Oops")
+
+
+def guest_script(command: str, out: Path) -> str:
+    venv_bin = REPO / ".venv" / "bin"
+    return f"""#!/bin/sh
+cd {shlex.quote(str(REPO))}
+export PATH={shlex.quote(str(venv_bin))}:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export IPVSLB_IN_VM=1 IPVSLB_RESULTS={shlex.quote(str(out))} HOME=/root
+( {command} ) > {out}/log 2>&1
+echo $? > {out}/rc
+dmesg > {out}/dmesg
+"""
+
+
+def follow(path: Path, prefix: str, stop: threading.Event) -> None:
+    """Print a file as it grows, so a long VM run shows progress."""
+    offset = 0
+    while True:
+        finished = stop.is_set()
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            for line in chunk.decode(errors="replace").splitlines(keepends=True):
+                sys.stdout.write(f"{prefix}{line}")
+            sys.stdout.flush()
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool) -> tuple[bool, str]:
+    vmlinuz = kernels.fetch(name)
+    release = kernels.release_of(name)
+    out = RESULTS / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    script = out / "guest.sh"
+    script.write_text(guest_script(command, out))
+    script.chmod(0o755)
+    vng = shutil.which("vng", path=f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    if vng is None:
+        raise SystemExit("run_vm: vng not found; run `make venv` first")
+    argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "-m", memory, "--rwdir", str(out), "--", str(script)]
+    env = dict(os.environ, PATH=f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(out / "log", f"[{name}] ", stop), daemon=True)
+    if not quiet:
+        follower.start()
+    started = time.monotonic()
+    try:
+        vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        vm_error = vm.stderr.strip().splitlines()[-5:] if vm.returncode else []
+    except subprocess.TimeoutExpired:
+        vm_error = [f"timed out after {timeout:.0f} s"]
+    wall = time.monotonic() - started
+    stop.set()
+    if follower.is_alive():
+        follower.join()
+    rc_file = out / "rc"
+    rc = int(rc_file.read_text()) if rc_file.exists() and rc_file.read_text().strip() else None
+    dmesg = (out / "dmesg").read_text(errors="replace") if (out / "dmesg").exists() else ""
+    bad = [line for line in dmesg.splitlines() if DMESG_BAD.search(line)]
+    ok = rc == 0 and not bad and not vm_error
+    why = []
+    if rc is None:
+        why.append("no exit code from the guest")
+    elif rc:
+        why.append(f"exit code {rc}")
+    if bad:
+        why.append(f"dmesg: {bad[0].strip()}")
+    why += vm_error
+    verdict = "passed" if ok else "FAILED (" + "; ".join(why) + ")"
+    return ok, f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", default=os.environ.get("KERNELS", "6.1 6.12"),
+                        help="space-separated kernel names: 6.1, 6.12, newest (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=float(os.environ.get("VM_TIMEOUT", 1800)),
+                        help="seconds per kernel before the VM is killed (default: %(default)s)")
+    parser.add_argument("--memory", default="2G")
+    parser.add_argument("--exec", dest="command", help="shell command to run in the guest instead of pytest")
+    parser.add_argument("--quiet", action="store_true", help="do not stream the guest's log")
+    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                        help="after --: extra pytest arguments (default: tests/kernel)")
+    args = parser.parse_args()
+    extra = [a for a in args.pytest_args if a != "--"]
+    command = args.command or "python3 -m pytest -p no:cacheprovider -v " + " ".join(
+        shlex.quote(a) for a in (extra or ["tests/kernel"]))
+    summaries = []
+    all_ok = True
+    for name in args.kernels.split():
+        ok, summary = run_kernel(name, command, args.timeout, args.memory, args.quiet)
+        all_ok &= ok
+        summaries.append(summary)
+        print(summary, flush=True)
+    print("\n".join(["", "summary:", *summaries]))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
