@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import subprocess
 import time
@@ -25,6 +26,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ipvs():
     """IPVS and its schedulers loaded, with the sysctls a client-side balancer needs."""
+    # Tests hold thousands of sockets open; backends inherit the limit when they start.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
     for module in IPVS_MODULES:
         topology.sh("modprobe", module)
     # Locally originated connections through masq need conntrack to find their way back.
@@ -135,3 +138,16 @@ def retransmit_probe(ipvs):
     print(f"bcc compiled and attached the smoke program in {probe.compile_seconds:.1f} s")
     yield probe
     probe.bpf.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tracer(ipvs):
+    """The product's tracer, compiled once per VM run with a small capacity so that the
+    bound on tracked connections can be exercised."""
+    from ipvslb.model import TracerSettings
+    from ipvslb.tracer import Tracer
+
+    t = Tracer(TracerSettings(connection_capacity=1024, ring_buffer_pages=256))
+    print(f"tracer compiled and attached in {t.compile_seconds:.1f} s ({t.attribution})")
+    yield t
+    t.close()

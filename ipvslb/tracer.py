@@ -1,0 +1,115 @@
+"""Loads bpf/ipvslb.bpf.c with bcc and turns its ring-buffer records into ConnEvents.
+
+No policy here: the tracer says what happened to which connection and through which
+backend; the health engine decides what it means.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ipvslb import conntable, events
+from ipvslb.events import ConnEvent
+from ipvslb.model import IPAddress, TracerSettings
+
+KPROBE = "ip_vs_conn_new"
+
+
+class TracerUnavailable(RuntimeError):
+    """BPF cannot be loaded here; the message says what to install or enable."""
+
+
+def source_path() -> Path:
+    candidates = [
+        os.environ.get("IPVSLB_BPF_DIR"),
+        Path(__file__).resolve().parent.parent / "bpf",  # source checkout
+        "/usr/share/ipvslb/bpf",  # packages
+    ]
+    for directory in candidates:
+        if directory and (Path(directory) / "ipvslb.bpf.c").exists():
+            return Path(directory) / "ipvslb.bpf.c"
+    raise TracerUnavailable("ipvslb.bpf.c not found (set IPVSLB_BPF_DIR or reinstall the package)")
+
+
+class Tracer:
+    """One loaded BPF program. `attribution` is "kprobe" when IPVS's own choice of backend is
+    traced, "conntable" when the kprobe could not attach and /proc/net/ip_vs_conn is read."""
+
+    def __init__(self, settings: TracerSettings = TracerSettings(), use_kprobe: bool = True):
+        try:
+            from bcc import BPF
+        except ImportError as err:
+            raise TracerUnavailable(f"bcc is not importable ({err}): install python3-bpfcc") from err
+        release = os.uname().release
+        if not Path(f"/lib/modules/{release}/build").exists():
+            raise TracerUnavailable(
+                f"kernel headers for {release} are missing: install linux-headers-{release}")
+        pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
+        cflags = [f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
+        started = time.monotonic()
+        try:
+            self.bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags)
+        except Exception as err:  # bcc raises bare Exception on compile/load failures
+            raise TracerUnavailable(f"cannot load the BPF program: {err}") from err
+        self.compile_seconds = time.monotonic() - started
+        self.attribution = "conntable"
+        if use_kprobe:
+            self._attach_kprobe()
+        self._pending: list[ConnEvent] = []
+        self.bpf["records"].open_ring_buffer(self._on_record)
+        self._vips: set[bytes] = set()
+
+    def _attach_kprobe(self) -> None:
+        try:
+            self.bpf.attach_kprobe(event=KPROBE, fn_name=b"trace_ip_vs_conn_new")
+            self.attribution = "kprobe"
+        except Exception:  # kprobes disabled, or the symbol is missing/inlined
+            self.attribution = "conntable"
+
+    def use_conntable(self) -> None:
+        """Attribute backends from the IPVS connection table instead of the kprobe."""
+        if self.attribution == "kprobe":
+            self.bpf.detach_kprobe(event=KPROBE)
+        self.attribution = "conntable"
+
+    def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
+        """Trace exactly these (protocol, address, port) services from now on."""
+        wanted = {events.vip_key(*v) for v in vips}
+        table = self.bpf["vips"]
+        for key in self._vips - wanted:
+            del table[table.Key.from_buffer_copy(key)]
+        for key in wanted - self._vips:
+            table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
+        self._vips = wanted
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable when records are waiting (the ring buffer map)."""
+        return self.bpf["records"].map_fd
+
+    def _on_record(self, _ctx, data, size) -> int:
+        self._pending.append(events.decode(ctypes.string_at(data, size)))
+        return 0
+
+    def read(self, timeout_ms: int = 0) -> list[ConnEvent]:
+        """Everything recorded so far (waiting up to timeout_ms for the first record)."""
+        if timeout_ms:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+        batch, self._pending = self._pending, []
+        if self.attribution == "conntable" and any(e.backend is None for e in batch):
+            table = conntable.read()
+            batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
+                     for e in batch]
+        return batch
+
+    def lost_records(self) -> int:
+        return int(self.bpf["lost"].sum(0).value)
+
+    def tracked_connections(self) -> int:
+        return sum(1 for _ in self.bpf["conns"].keys())
+
+    def close(self) -> None:
+        self.bpf.cleanup()

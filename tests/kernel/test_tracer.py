@@ -1,0 +1,171 @@
+"""The tracer's records, checked against the test's own sockets (by client port) and
+against IPVS's connection table (`ipvsadm -Lnc`) as an independent oracle."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+
+import pytest
+
+from ipvslb.events import Kind
+from tests.kernel.conftest import ConnectFailed, connect, ipvsadm
+from tests.kernel.test_smoke import PORT, VIP4, VIP6, add_service
+
+
+@pytest.fixture
+def traced(topo, tracer):
+    """Topology plus a tracer that watches VIP4/VIP6 TCP and starts with nothing pending."""
+    vips = [("tcp", ipaddress.ip_address(VIP4), PORT), ("tcp", ipaddress.ip_address(VIP6), PORT)]
+    tracer.set_vips(vips)
+    tracer.read()
+    yield tracer
+    if tracer.attribution != "kprobe":
+        tracer._attach_kprobe()
+    tracer.read()
+
+
+def records_for(tracer, client_port: int, wait: float = 0.3) -> list:
+    deadline = time.monotonic() + wait
+    found = []
+    while time.monotonic() < deadline:
+        found += [e for e in tracer.read(timeout_ms=50) if e.client[1] == client_port]
+    return found
+
+
+def open_socket(vip: str, timeout: float = 3.0) -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind(("::" if ":" in vip else "0.0.0.0", 0))
+    return s
+
+
+def backend_of(b, vip: str) -> tuple:
+    return (b.address(6 if ":" in vip else 4), b.port)
+
+
+def test_connection_to_an_unmanaged_address_produces_no_record(traced, topo):
+    b = topo.backends[0]
+    s = open_socket(str(b.v4))
+    s.connect((str(b.v4), b.port))
+    port = s.getsockname()[1]
+    s.close()
+    assert records_for(traced, port) == []
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+@pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
+def test_accepted_connect_is_recorded_with_its_backend(traced, topo, vip, attribution):
+    if attribution == "conntable":
+        traced.use_conntable()
+    b = topo.backends[0]
+    add_service(topo, vip, [b])
+    s = open_socket(vip)
+    s.connect((vip, PORT))
+    port = s.getsockname()[1]
+    recs = records_for(traced, port)
+    s.close()
+    kinds = [e.kind for e in recs]
+    expected = [Kind.CONNECT, Kind.BACKEND, Kind.ESTABLISHED] if attribution == "kprobe" else [Kind.CONNECT, Kind.ESTABLISHED]
+    assert kinds == expected
+    assert all(e.backend == backend_of(b, vip) for e in recs if e.kind != Kind.CONNECT or attribution == "conntable")
+    established = recs[-1]
+    assert established.vip == (ipaddress.ip_address(vip), PORT)
+    assert 0 < established.elapsed < 0.5
+    assert [e.kind for e in records_for(traced, port)] == [Kind.CLOSED]
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+@pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
+def test_refused_connect_is_a_reset_from_its_backend_within_100ms(traced, topo, vip, attribution):
+    if attribution == "conntable":
+        traced.use_conntable()
+    b = topo.backends[1]
+    add_service(topo, vip, [b])
+    b.set_mode("refuse")
+    s = open_socket(vip)
+    assert s.connect_ex((vip, PORT)) != 0
+    port = s.getsockname()[1]
+    s.close()
+    resets = [e for e in records_for(traced, port) if e.kind == Kind.RESET]
+    assert len(resets) == 1
+    assert resets[0].backend == backend_of(b, vip)
+    assert resets[0].elapsed < 0.100
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+@pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
+def test_blackholed_connect_retransmits_then_closes_in_syn_sent(traced, topo, vip, attribution):
+    if attribution == "conntable":
+        traced.use_conntable()
+    b = topo.backends[2]
+    add_service(topo, vip, [b])
+    b.set_mode("blackhole")
+    s = open_socket(vip, timeout=1.5)
+    assert s.connect_ex((vip, PORT)) != 0
+    port = s.getsockname()[1]
+    s.close()
+    recs = records_for(traced, port)
+    retransmits = [e for e in recs if e.kind == Kind.SYN_RETRANSMIT]
+    assert retransmits, recs
+    assert retransmits[0].backend == backend_of(b, vip)
+    assert retransmits[0].retransmits == 1
+    assert 0.9 < retransmits[0].elapsed < 1.5
+    closed = [e for e in recs if e.kind == Kind.CLOSED_SYN_SENT]
+    assert len(closed) == 1 and closed[0].backend == backend_of(b, vip)
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+def test_every_backend_matches_the_ipvs_connection_table(traced, topo, vip):
+    add_service(topo, vip, topo.backends)
+    sockets = []
+    for _ in range(9):
+        s = open_socket(vip)
+        s.connect((vip, PORT))
+        sockets.append(s)
+    ports = {s.getsockname()[1] for s in sockets}
+    recs = [e for e in records_for(traced, -1, wait=0) or traced.read(timeout_ms=100) if e.client[1] in ports]
+    oracle = {}
+    for line in ipvsadm("-Lnc").splitlines()[2:]:
+        fields = line.split()
+        source, destination = fields[3], fields[5]
+        oracle[int(source.rsplit(":", 1)[1])] = destination
+    for s in sockets:
+        s.close()
+    backends = {e.client[1]: e.backend for e in recs if e.kind == Kind.ESTABLISHED}
+    assert set(backends) == ports
+    for port, (addr, bport) in backends.items():
+        expected = f"[{addr}]:{bport}" if addr.version == 6 else f"{addr}:{bport}"
+        assert oracle[port] == expected
+    assert {addr for addr, _ in backends.values()} == {b.address(6 if ":" in vip else 4) for b in topo.backends}
+
+
+def test_tracked_connections_stay_bounded_and_drain(traced, topo):
+    """100 000 connects through the VIP; 1 500 held open at once against a capacity of 1 024."""
+    add_service(topo, VIP4, topo.backends)
+    linger0 = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, so ports recycle
+    held = []
+    for _ in range(1500):
+        s = socket.create_connection((VIP4, PORT))
+        held.append(s)
+        traced.read()
+    during = traced.tracked_connections()
+    for s in held:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+        s.close()
+    started = time.monotonic()
+    for i in range(100_000 - 1500):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+        s.connect((VIP4, PORT))
+        s.close()
+        if i % 200 == 0:
+            traced.read()
+    rate = (100_000 - 1500) / (time.monotonic() - started)
+    traced.read(timeout_ms=100)
+    after = traced.tracked_connections()
+    lost = traced.lost_records()
+    print(f"tracked while 1500 open: {during}; after 100000 connects: {after}; lost records: {lost}; {rate:.0f} connects/s")
+    assert during <= 1024
+    assert after <= 5
