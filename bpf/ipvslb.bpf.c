@@ -145,41 +145,39 @@ static __always_inline void forget(u64 sock, struct conn *c) {
     conns.delete(&sock);
 }
 
-static __always_inline int on_connect(struct tracepoint__sock__inet_sock_set_state *args, u64 sock) {
-    struct vip_key key = {};
-    struct conn c = {};
-    key.port = args->dport;
-    key.protocol = PROTO_TCP;
-    key.family = args->family;
-    if (args->family == AF_INET) {
-        __builtin_memcpy(key.addr, args->daddr, 4);
-        __builtin_memcpy(c.tuple.caddr, args->saddr, 4);
-    } else {
-        __builtin_memcpy(key.addr, args->daddr_v6, 16);
-        __builtin_memcpy(c.tuple.caddr, args->saddr_v6, 16);
-    }
-    if (!vips.lookup(&key))
-        return 0;
-    c.start_ns = bpf_ktime_get_ns();
-    __builtin_memcpy(c.tuple.vaddr, key.addr, 16);
-    c.tuple.cport = args->sport;
-    c.tuple.vport = args->dport;
-    c.tuple.protocol = PROTO_TCP;
-    c.tuple.family = args->family;
-    conns.update(&sock, &c);
-    socks.update(&c.tuple, &sock);
-    struct record *r = new_record(CONNECT, sock, &c);
-    if (r)
-        emit(r);
-    return 0;
-}
-
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->protocol != PROTO_TCP)
         return 0;
     u64 sock = (u64)args->skaddr;
-    if (args->newstate == TCP_SYN_SENT)
-        return on_connect(args, sock);
+    if (args->newstate == TCP_SYN_SENT) {
+        // bcc defines the args struct only inside the probe, so the connect start is here.
+        struct vip_key key = {};
+        struct conn c = {};
+        key.port = args->dport;
+        key.protocol = PROTO_TCP;
+        key.family = args->family;
+        if (args->family == AF_INET) {
+            __builtin_memcpy(key.addr, args->daddr, 4);
+            __builtin_memcpy(c.tuple.caddr, args->saddr, 4);
+        } else {
+            __builtin_memcpy(key.addr, args->daddr_v6, 16);
+            __builtin_memcpy(c.tuple.caddr, args->saddr_v6, 16);
+        }
+        if (!vips.lookup(&key))
+            return 0;
+        c.start_ns = bpf_ktime_get_ns();
+        __builtin_memcpy(c.tuple.vaddr, key.addr, 16);
+        c.tuple.cport = args->sport;
+        c.tuple.vport = args->dport;
+        c.tuple.protocol = PROTO_TCP;
+        c.tuple.family = args->family;
+        conns.update(&sock, &c);
+        socks.update(&c.tuple, &sock);
+        struct record *r = new_record(CONNECT, sock, &c);
+        if (r)
+            emit(r);
+        return 0;
+    }
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;

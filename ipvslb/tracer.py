@@ -15,7 +15,7 @@ from ipvslb import conntable, events
 from ipvslb.events import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
-KPROBE = "ip_vs_conn_new"
+KPROBE = b"ip_vs_conn_new"
 
 
 class TracerUnavailable(RuntimeError):

@@ -46,7 +46,7 @@ dmesg > {out}/dmesg
 
 def follow(path: Path, prefix: str, stop: threading.Event) -> None:
     """Print a file as it grows, so a long VM run shows progress."""
-    offset = 0
+    offset, partial = 0, b""
     while True:
         finished = stop.is_set()
         if path.exists():
@@ -54,8 +54,11 @@ def follow(path: Path, prefix: str, stop: threading.Event) -> None:
                 f.seek(offset)
                 chunk = f.read()
             offset += len(chunk)
-            for line in chunk.decode(errors="replace").splitlines(keepends=True):
-                sys.stdout.write(f"{prefix}{line}")
+            *lines, partial = (partial + chunk).split(b"\n")
+            if finished and partial:
+                lines.append(partial)
+            for line in lines:
+                sys.stdout.write(f"{prefix}{line.decode(errors='replace')}\n")
             sys.stdout.flush()
         if finished:
             return
@@ -120,7 +123,7 @@ def main() -> int:
                         help="after --: extra pytest arguments (default: tests/kernel)")
     args = parser.parse_args()
     extra = [a for a in args.pytest_args if a != "--"]
-    command = args.command or "python3 -m pytest -p no:cacheprovider -v " + " ".join(
+    command = args.command or "python3 -m pytest -p no:cacheprovider -v -rP " + " ".join(
         shlex.quote(a) for a in (extra or ["tests/kernel"]))
     summaries = []
     all_ok = True

@@ -26,11 +26,13 @@ def traced(topo, tracer):
     tracer.read()
 
 
-def records_for(tracer, client_port: int, wait: float = 0.3) -> list:
+def records_for(tracer, client_ports: int | set[int], wait: float = 0.3) -> list:
+    """Records of the given client ports seen within `wait` seconds."""
+    ports = {client_ports} if isinstance(client_ports, int) else client_ports
     deadline = time.monotonic() + wait
     found = []
     while time.monotonic() < deadline:
-        found += [e for e in tracer.read(timeout_ms=50) if e.client[1] == client_port]
+        found += [e for e in tracer.read(timeout_ms=50) if e.client[1] in ports]
     return found
 
 
@@ -125,7 +127,7 @@ def test_every_backend_matches_the_ipvs_connection_table(traced, topo, vip):
         s.connect((vip, PORT))
         sockets.append(s)
     ports = {s.getsockname()[1] for s in sockets}
-    recs = [e for e in records_for(traced, -1, wait=0) or traced.read(timeout_ms=100) if e.client[1] in ports]
+    recs = records_for(traced, ports)
     oracle = {}
     for line in ipvsadm("-Lnc").splitlines()[2:]:
         fields = line.split()
