@@ -27,8 +27,8 @@
 #define IP_VS_CONN_F_TEMPLATE 0x1000
 
 enum record_kind {
-    CONNECT = 1,          // client socket entered SYN_SENT towards a VIP
-    BACKEND = 2,          // IPVS picked the real backend for this client:port -> VIP:port
+    CONNECT = 1,          // a client socket's SYN to a VIP, with the backend IPVS chose
+    BACKEND = 2,          // IPVS chose a backend for a flow with no tracked socket (UDP)
     ESTABLISHED = 3,
     SYN_RETRANSMIT = 4,
     RESET = 5,            // RST received while SYN_SENT
@@ -104,6 +104,9 @@ BPF_HASH(vips, struct vip_key, u8, 4096);
 BPF_TABLE("lru_hash", u64, struct conn, conns, CAPACITY);
 BPF_TABLE("lru_hash", struct tuple, u64, socks, CAPACITY);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+// options[0] = 1: the kprobe is not attached, so CONNECT is emitted at SYN_SENT (without
+// backend) instead of from the kprobe (with it). One record per connect either way.
+BPF_ARRAY(options, u32, 1);
 BPF_PERCPU_ARRAY(scratch, struct record, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
@@ -173,9 +176,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         c.tuple.family = args->family;
         conns.update(&sock, &c);
         socks.update(&c.tuple, &sock);
-        struct record *r = new_record(CONNECT, sock, &c);
-        if (r)
-            emit(r);
+        int zero = 0;
+        u32 *connect_at_syn_sent = options.lookup(&zero);
+        if (connect_at_syn_sent && *connect_at_syn_sent) {
+            struct record *r = new_record(CONNECT, sock, &c);
+            if (r)
+                emit(r);
+        }
         return 0;
     }
     struct conn *c = conns.lookup(&sock);
@@ -274,7 +281,9 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     struct record *r;
     if (c) {
         c->backend = b;
-        r = new_record(BACKEND, *sock, c);
+        r = new_record(CONNECT, *sock, c);
+        if (r)
+            r->connect_ns = r->ts - c->start_ns;
     } else {
         // UDP, or a connection we did not see start: report the tuple as IPVS knows it.
         r = new_record(BACKEND, zero_sock, 0);

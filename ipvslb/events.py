@@ -5,6 +5,7 @@ The record layout is fixed by `struct record` in bpf/ipvslb.bpf.c.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ def format_endpoint(endpoint: Endpoint) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(raw: bytes, family: int) -> IPAddress:
+    # Cached: the same few VIPs, backends and client addresses repeat in every record.
     return ipaddress.IPv4Address(raw[:4]) if family == AF_INET else ipaddress.IPv6Address(raw)
 
 

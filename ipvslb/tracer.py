@@ -55,9 +55,11 @@ class Tracer:
         except Exception as err:  # bcc raises bare Exception on compile/load failures
             raise TracerUnavailable(f"cannot load the BPF program: {err}") from err
         self.compile_seconds = time.monotonic() - started
-        self.attribution = "conntable"
+        self.attribution = "none"
         if use_kprobe:
             self._attach_kprobe()
+        else:
+            self.use_conntable()
         self._pending: list[ConnEvent] = []
         self.bpf["records"].open_ring_buffer(self._on_record)
         self._vips: set[bytes] = set()
@@ -65,15 +67,22 @@ class Tracer:
     def _attach_kprobe(self) -> None:
         try:
             self.bpf.attach_kprobe(event=KPROBE, fn_name=b"trace_ip_vs_conn_new")
-            self.attribution = "kprobe"
         except Exception:  # kprobes disabled, or the symbol is missing/inlined
-            self.attribution = "conntable"
+            self.use_conntable()
+            return
+        self._set_connect_at_syn_sent(False)
+        self.attribution = "kprobe"
 
     def use_conntable(self) -> None:
         """Attribute backends from the IPVS connection table instead of the kprobe."""
         if self.attribution == "kprobe":
             self.bpf.detach_kprobe(event=KPROBE)
+        self._set_connect_at_syn_sent(True)
         self.attribution = "conntable"
+
+    def _set_connect_at_syn_sent(self, enabled: bool) -> None:
+        options = self.bpf["options"]
+        options[options.Key(0)] = options.Leaf(int(enabled))
 
     def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
         """Trace exactly these (protocol, address, port) services from now on."""

@@ -68,10 +68,8 @@ def test_accepted_connect_is_recorded_with_its_backend(traced, topo, vip, attrib
     port = s.getsockname()[1]
     recs = records_for(traced, port)
     s.close()
-    kinds = [e.kind for e in recs]
-    expected = [Kind.CONNECT, Kind.BACKEND, Kind.ESTABLISHED] if attribution == "kprobe" else [Kind.CONNECT, Kind.ESTABLISHED]
-    assert kinds == expected
-    assert all(e.backend == backend_of(b, vip) for e in recs if e.kind != Kind.CONNECT or attribution == "conntable")
+    assert [e.kind for e in recs] == [Kind.CONNECT, Kind.ESTABLISHED]
+    assert all(e.backend == backend_of(b, vip) for e in recs)
     established = recs[-1]
     assert established.vip == (ipaddress.ip_address(vip), PORT)
     assert 0 < established.elapsed < 0.5
