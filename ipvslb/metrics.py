@@ -1,0 +1,76 @@
+"""Prometheus metrics, computed at scrape time from the same snapshot `ipvslb status` shows,
+so the two can never disagree. Names follow node_exporter's `node_ipvs_*` style with an
+`ipvslb_` prefix; docs/metrics.md lists them."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+STATES = ("healthy", "suspect", "quarantined", "probing", "ramping")
+BACKEND_COUNTERS = {
+    "successes": ("ipvslb_backend_connects_established_total", "Connects to the backend that completed."),
+    "quarantines": ("ipvslb_backend_quarantines_total", "Times the backend was taken out of rotation."),
+}
+FAILURE_CLASSES = ("hard", "soft")
+PROBE_RESULTS = ("ok", "failed")
+
+
+class SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator:
+        doc = self._snapshot()
+        labels = ["service", "backend"]
+        state = GaugeMetricFamily("ipvslb_backend_state", "1 for the backend's current health state.",
+                                  labels=[*labels, "state"])
+        weight = GaugeMetricFamily("ipvslb_backend_weight", "Weight currently set in IPVS.", labels=labels)
+        configured = GaugeMetricFamily("ipvslb_backend_configured_weight", "Weight from the configuration.",
+                                       labels=labels)
+        failures = CounterMetricFamily("ipvslb_backend_failures", "Failure evidence by class.",
+                                       labels=[*labels, "class"])
+        probes = CounterMetricFamily("ipvslb_backend_probes", "Direct probes by result.", labels=[*labels, "result"])
+        counters = {k: CounterMetricFamily(name.removesuffix("_total"), doc_, labels=labels)
+                    for k, (name, doc_) in BACKEND_COUNTERS.items()}
+        frozen = GaugeMetricFamily("ipvslb_service_frozen",
+                                   "1 while quarantines are frozen by correlated failures.", labels=["service"])
+        for svc in doc.get("services", []):
+            frozen.add_metric([svc["name"]], float(bool(svc.get("frozen"))))
+            for b in svc.get("backends", []):
+                lv = [svc["name"], b["endpoint"]]
+                c = b.get("counters", {})
+                for s in STATES:
+                    state.add_metric([*lv, s], float(b["state"] == s))
+                weight.add_metric(lv, b["weight"])
+                configured.add_metric(lv, b["configured_weight"])
+                for cls in FAILURE_CLASSES:
+                    failures.add_metric([*lv, cls], c.get(f"{cls}_failures", 0))
+                for result in PROBE_RESULTS:
+                    probes.add_metric([*lv, result], c.get(f"probes_{result}", 0))
+                for key, family in counters.items():
+                    family.add_metric(lv, c.get(key, 0))
+        yield from (state, weight, configured, failures, probes, *counters.values(), frozen)
+
+        lost = CounterMetricFamily("ipvslb_tracer_lost_records", "Tracer records lost to a full ring buffer.")
+        lost.add_metric([], doc.get("lost_records", 0))
+        yield lost
+        events = CounterMetricFamily("ipvslb_tracer_records", "Tracer records received, by kind.", labels=["kind"])
+        for kind, count in doc.get("records", {}).items():
+            events.add_metric([kind], count)
+        yield events
+        reconcile = doc.get("reconcile", {})
+        runs = CounterMetricFamily("ipvslb_reconcile_runs", "IPVS reconciliations run.")
+        runs.add_metric([], reconcile.get("runs", 0))
+        writes = CounterMetricFamily("ipvslb_reconcile_writes", "Netlink writes made by reconciliations.")
+        writes.add_metric([], reconcile.get("writes", 0))
+        seconds = GaugeMetricFamily("ipvslb_reconcile_last_duration_seconds", "Duration of the last reconciliation.")
+        seconds.add_metric([], reconcile.get("last_seconds", 0.0))
+        yield from (runs, writes, seconds)
+
+
+def registry_for(snapshot: Callable[[], dict]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(snapshot))
+    return registry
