@@ -68,9 +68,14 @@ def follow(path: Path, prefix: str, stop: threading.Event) -> None:
 def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool) -> tuple[bool, str]:
     vmlinuz = kernels.fetch(name)
     release = kernels.release_of(name)
-    out = RESULTS / name
+    # One directory per run, so that concurrent runs never share a guest log.
+    out = RESULTS / f"{name}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    latest = RESULTS / name
+    if latest.is_symlink() or latest.exists():
+        shutil.rmtree(latest) if latest.is_dir() and not latest.is_symlink() else latest.unlink()
+    latest.symlink_to(out.name)
     script = out / "guest.sh"
     script.write_text(guest_script(command, out))
     script.chmod(0o755)
