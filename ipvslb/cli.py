@@ -7,6 +7,7 @@ import sys
 from ipvslb import __version__
 
 DEFAULT_CONFIG = "/etc/ipvslb/config.yaml"
+DEFAULT_STATUS_SOCKET = "/run/ipvslb/status.sock"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,80 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file; exit 0 if valid, 1 if not")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
     check.set_defaults(handler=_check_config)
+
+    status = sub.add_parser("status", help="show services, backends, health states and weights of the running daemon")
+    status.add_argument("--socket", default=DEFAULT_STATUS_SOCKET, help=f"status socket (default {DEFAULT_STATUS_SOCKET})")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document, for scripts")
+    status.set_defaults(handler=_status)
+
+    events = sub.add_parser("events", help="stream decoded connection events for the configured VIPs (needs root, BPF)")
+    events.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration naming the VIPs (default {DEFAULT_CONFIG})")
+    events.add_argument("--vip", action="append", default=[], metavar="PROTO:ADDR:PORT",
+                        help="watch this VIP instead of the configured ones, e.g. tcp:10.0.0.1:80 or tcp:[fd00::1]:80; repeatable")
+    events.add_argument("--no-kprobe", action="store_true",
+                        help="attribute backends from /proc/net/ip_vs_conn instead of the ip_vs_conn_new kprobe")
+    events.set_defaults(handler=_events)
     return parser
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from ipvslb import status
+
+    try:
+        doc = status.fetch(args.socket)
+    except OSError as err:
+        print(f"ipvslb: cannot reach the daemon at {args.socket}: {err.strerror or err}. Is `ipvslb run` running?",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    return 0
+
+
+def _parse_vip(text: str):
+    import ipaddress
+
+    proto, _, rest = text.partition(":")
+    addr, _, port = rest.rpartition(":")
+    try:
+        if proto not in ("tcp", "udp"):
+            raise ValueError
+        return proto, ipaddress.ip_address(addr.strip("[]")), int(port)
+    except ValueError:
+        raise SystemExit(f"ipvslb: --vip {text!r}: expected PROTO:ADDR:PORT, e.g. tcp:10.0.0.1:80") from None
+
+
+def _events(args: argparse.Namespace) -> int:
+    from ipvslb import config, tracer
+
+    if args.vip:
+        vips = [_parse_vip(v) for v in args.vip]
+        settings = None
+    else:
+        try:
+            cfg = config.load(args.config)
+        except config.ConfigError as err:
+            print("\n".join(err.messages), file=sys.stderr)
+            return 1
+        vips = [(s.protocol, s.vip, s.port) for s in cfg.services]
+        settings = cfg.settings.tracer
+    try:
+        t = tracer.Tracer(settings or tracer.TracerSettings(), use_kprobe=not args.no_kprobe)
+    except tracer.TracerUnavailable as err:
+        print(f"ipvslb: {err}", file=sys.stderr)
+        return 1
+    t.set_vips(vips)
+    print(f"# watching {len(vips)} VIPs, backend attribution: {t.attribution}", flush=True)
+    try:
+        while True:
+            for event in t.read(timeout_ms=1000):
+                print(event, flush=True)
+    except KeyboardInterrupt:
+        print(f"# lost records: {t.lost_records()}")
+        return 0
+    finally:
+        t.close()
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from ipvslb import conntable, events
 from ipvslb.events import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
+__all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
+
 KPROBE = b"ip_vs_conn_new"
 
 
