@@ -1,0 +1,246 @@
+"""`ipvslb demo`: a live failover demonstration.
+
+On the host (no IPVS needed) it boots a Debian kernel in a VM through the source checkout's
+test bed and runs itself there with `--here`. Inside, it builds three backends in network
+namespaces, starts `ipvslb run` on a VIP in front of them, drives a client loop of 50
+connects/s, makes one backend refuse and another blackhole, restores both, shows the live
+status table, and ends with a summary.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipvslb import status
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+VIP, PORT = "10.90.0.1", 80
+RATE = 50
+CONNECT_TIMEOUT = 3.0
+
+
+@dataclass
+class Attempt:
+    started: float
+    ok: bool
+    elapsed: float
+    backend: str = ""
+    error: str = ""
+
+
+class ClientLoop:
+    """RATE connects per second to the VIP, each in a worker so a stuck one does not block."""
+
+    def __init__(self):
+        self.attempts: list[Attempt] = []
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * RATE)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _one(self) -> None:
+        started = time.monotonic()
+        try:
+            with socket.create_connection((VIP, PORT), timeout=CONNECT_TIMEOUT) as s:
+                s.settimeout(CONNECT_TIMEOUT)
+                name = s.makefile("rb").readline().strip().decode()
+            self.attempts.append(Attempt(started, True, time.monotonic() - started, name))
+        except OSError as err:
+            self.attempts.append(Attempt(started, False, time.monotonic() - started,
+                                         error=type(err).__name__ if not err.strerror else err.strerror))
+
+    def _run(self) -> None:
+        tick = time.monotonic()
+        while not self._stop.is_set():
+            self._pool.submit(self._one)
+            tick += 1.0 / RATE
+            time.sleep(max(0.0, tick - time.monotonic()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+
+class WeightWatch:
+    """Polls the status socket and remembers when each backend's weight changed."""
+
+    def __init__(self, socket_path: str):
+        self.path = socket_path
+        self.changes: list[tuple[float, str, int, str]] = []  # (time, backend, weight, state)
+        self.latest: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last: dict[str, int] = {}
+        while not self._stop.is_set():
+            try:
+                self.latest = status.fetch(self.path)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            now = time.monotonic()
+            for svc in self.latest.get("services", []):
+                for b in svc["backends"]:
+                    if last.get(b["endpoint"]) != b["weight"]:
+                        self.changes.append((now, b["endpoint"], b["weight"], b["state"]))
+                        last[b["endpoint"]] = b["weight"]
+            time.sleep(0.02)
+
+    def first_change(self, endpoint: str, after: float, weight_is) -> float | None:
+        for t, ep, w, _ in self.changes:
+            if ep == endpoint and t >= after and weight_is(w):
+                return t
+        return None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _config(workdir: Path, backends) -> Path:
+    lines = [
+        "settings:",
+        f"  state_dir: {workdir}/state",
+        f"  status_socket: {workdir}/status.sock",
+        "  metrics_address: 127.0.0.1:9742",
+        "services:",
+        "  - name: demo",
+        "    protocol: tcp",
+        f"    vip: {VIP}",
+        f"    port: {PORT}",
+        "    scheduler: rr",
+        "    backends:",
+        *[f"      - {{address: {b.v4}, port: {b.port}}}" for b in backends],
+    ]
+    path = workdir / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _show(watch: WeightWatch, title: str) -> None:
+    print(f"\n--- {title} ---")
+    if watch.latest:
+        print(status.render(watch.latest))
+    sys.stdout.flush()
+
+
+def run_here(fault_seconds: float = 10.0) -> int:
+    sys.path.insert(0, str(CHECKOUT))
+    try:
+        from tests.kernel import topology
+    except ImportError:
+        print("ipvslb demo needs a source checkout (tests/kernel/topology.py)", file=sys.stderr)
+        return 1
+    for module in ("ip_vs", "ip_vs_rr"):
+        topology.sh("modprobe", module)
+    workdir = Path(tempfile.mkdtemp(prefix="ipvslb-demo-"))
+    topo = topology.build(3, prefix="demo")
+    b1, b2, b3 = topo.backends
+    config = _config(workdir, topo.backends)
+    log = (workdir / "daemon.log").open("w")
+    daemon = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(config)],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=CHECKOUT)
+    watch = WeightWatch(str(workdir / "status.sock"))
+    client = ClientLoop()
+    try:
+        deadline = time.monotonic() + 180
+        while not (workdir / "status.sock").exists():
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                print((workdir / "daemon.log").read_text())
+                print("the daemon did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        watch.start()
+        print(f"daemon up; client loop: {RATE} connects/s to {VIP}:{PORT}, connect timeout {CONNECT_TIMEOUT:.0f} s")
+        client.start()
+        time.sleep(5)
+        _show(watch, "all healthy")
+
+        t_refuse = time.monotonic()
+        b1.set_mode("refuse")
+        print(f"\n>>> {b1.v4}:{b1.port} now refuses connections")
+        time.sleep(fault_seconds)
+        _show(watch, f"{fault_seconds:.0f} s after {b1.v4} started refusing")
+
+        t_blackhole = time.monotonic()
+        b2.set_mode("blackhole")
+        print(f"\n>>> {b2.v4}:{b2.port} is now blackholed (SYNs vanish)")
+        time.sleep(fault_seconds)
+        _show(watch, f"{fault_seconds:.0f} s after {b2.v4} was blackholed")
+
+        t_restore = time.monotonic()
+        b1.set_mode("accept")
+        b2.set_mode("accept")
+        print(f"\n>>> both restored; waiting for re-admission through probes and slow start")
+        restored = {f"{b.v4}:{b.port}" for b in (b1, b2)}
+        while time.monotonic() - t_restore < 90 and not _fully_back(watch.latest, restored):
+            time.sleep(0.5)
+        _show(watch, "after recovery")
+    finally:
+        client.stop()
+        watch.stop()
+        daemon.terminate()
+        daemon.wait(10)
+        topology.sh("ipvsadm", "-C", check=False)
+        topo.teardown()
+
+    print("\n=== summary ===")
+    for label, b, t_fault in (("refused", b1, t_refuse), ("blackholed", b2, t_blackhole)):
+        ep = f"{b.v4}:{b.port}"
+        out = watch.first_change(ep, t_fault, lambda w: w == 0)
+        back = watch.first_change(ep, t_restore, lambda w: w > 0)
+        full = watch.first_change(ep, t_restore, lambda w: w >= 1 and w == _configured(watch, ep))
+        print(f"{label:>10} backend {ep}: weight 0 after "
+              f"{_ms(out, t_fault)}, back in rotation {_ms(back, t_restore)} after restore, "
+              f"full weight {_ms(full, t_restore)} after restore")
+    failed = [a for a in client.attempts if not a.ok]
+    slow = [a for a in client.attempts if a.ok and a.elapsed > 0.5]
+    print(f"client: {len(client.attempts)} connects, {len(failed)} failed, {len(slow)} took over 500 ms "
+          f"(rescued from the blackholed backend)")
+    for a in failed[:10]:
+        print(f"  failed at +{a.started - t_refuse:6.2f} s after {a.elapsed * 1000:.0f} ms: {a.error}")
+    print(f"daemon log: {workdir / 'daemon.log'}")
+    return 0
+
+
+def _fully_back(doc: dict, endpoints: set[str]) -> bool:
+    rows = [b for s in doc.get("services", []) for b in s["backends"] if b["endpoint"] in endpoints]
+    return len(rows) == len(endpoints) and all(
+        b["state"] == "healthy" and b["weight"] == b["configured_weight"] for b in rows)
+
+
+def _configured(watch: WeightWatch, endpoint: str) -> int:
+    for s in watch.latest.get("services", []):
+        for b in s["backends"]:
+            if b["endpoint"] == endpoint:
+                return b["configured_weight"]
+    return -1
+
+
+def _ms(t: float | None, since: float) -> str:
+    return "never" if t is None else f"{(t - since) * 1000:.0f} ms"
+
+
+def run_in_vm(kernel: str) -> int:
+    runner = CHECKOUT / "testbed" / "run_vm.py"
+    if not runner.exists():
+        print("ipvslb demo needs a source checkout with testbed/ (or use --here on a host with IPVS)",
+              file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, str(runner), "--kernels", kernel,
+                            "--exec", "python3 -m ipvslb demo --here"])
