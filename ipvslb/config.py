@@ -1,0 +1,660 @@
+"""YAML configuration -> the typed model in `ipvslb.model`; the only module that parses it.
+
+Every problem is collected before anything is raised, so one `ipvslb check-config` run
+shows them all, one per line:
+
+    <file>: <path>: <problem>: got <value>, expected <what>
+
+with paths such as `services[1].backends[2].port`. `load` and `parse` raise nothing but
+`ConfigError`, whatever the input (tests/unit/test_config.py fuzzes that).
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import reprlib
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from ipvslb import model
+
+PROTOCOLS = ("tcp", "udp")
+FORWARDING = ("masq", "route", "tunnel")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Durations are capped so that timer arithmetic in the daemon can never overflow.
+MAX_DURATION = 86400.0
+
+_INVALID = object()  # a check's result when it has reported an error
+_NOTHING = object()  # "no value": nothing to show for a missing key, no default
+
+_repr = reprlib.Repr()
+# YAML aliases can build huge or self-referencing structures; keep quoted values short.
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlevel = 2
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `messages` holds one line per problem."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
+def load(path: str | os.PathLike) -> model.Config:
+    source = os.fsdecode(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise ConfigError([f"{source}: not UTF-8 text: byte {byte:#04x} at offset {err.start}"]) from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ConfigError([f"{source}: cannot read: {getattr(err, 'strerror', None) or err}"]) from None
+    return parse(text, source)
+
+
+def parse(text: str, source: str = "<string>") -> model.Config:
+    report = _Report(source)
+    config = _config(_read_yaml(text, report), report)
+    if report.messages:
+        raise ConfigError(report.messages)
+    return config
+
+
+# --- reporting -------------------------------------------------------------------------
+
+class _Report:
+    def __init__(self, source: str):
+        self.source = source
+        self.messages: list[str] = []
+
+    def error(self, path: str, problem: str, expected: str, got: Any = _NOTHING) -> None:
+        shown = "" if got is _NOTHING else f"got {_repr.repr(got)}, "
+        self.note(f"{path}: {problem}: {shown}expected {expected}")
+
+    def note(self, text: str) -> None:
+        self.messages.append(f"{self.source}: {text}")
+
+
+class _Invalid(Exception):
+    """Raised by scalar checks with the problem; the caller turns it into a report line."""
+
+
+def _join(path: str, key: Any) -> str:
+    # Quote keys that could be mistaken for path syntax or hide in whitespace.
+    plain = isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key)
+    name = key if plain else _repr.repr(key)
+    return f"{path}.{name}" if path else name
+
+
+# --- YAML ------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that notes duplicate mapping keys, which PyYAML would silently let the
+    last one win (a service with two `port:` lines), and remembers the node it is
+    constructing so that a failed conversion can say where it was."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.duplicates: list[str] = []
+        self.current: yaml.Node | None = None
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for key, _ in node.value:
+            # Merge keys (`<<`) may repeat and are meant to be overridden.
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            seen = first.setdefault((key.tag, key.value), key.start_mark)
+            if seen is not key.start_mark:
+                self.duplicates.append(
+                    f"{_where(key.start_mark)}: duplicate key: got {_repr.repr(key.value)}, "
+                    f"expected each key once in a mapping (first at line {seen.line + 1})")
+        return node
+
+    def construct_object(self, node, deep=False):
+        self.current = node
+        return super().construct_object(node, deep)
+
+
+def _where(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _read_yaml(text: str, report: _Report) -> Any:
+    def fail(problem: str) -> ConfigError:
+        return ConfigError([f"{report.source}: {problem}"])
+
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as err:  # ReaderError: a character YAML does not allow
+        raise fail(f"not valid YAML: {_one_line(err)}") from None
+    try:
+        node = loader.get_single_node()
+        doc = None if node is None else loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        raise fail(_marked_yaml_error(err)) from None
+    except RecursionError:
+        raise fail("not valid YAML: nested too deeply") from None
+    except Exception as err:
+        raise fail(_conversion_error(loader.current, err)) from None
+    for line in loader.duplicates:
+        report.note(line)
+    return doc
+
+
+def _conversion_error(node: yaml.Node | None, err: Exception) -> str:
+    """PyYAML's constructors leak ValueError, KeyError, IndexError, AttributeError on
+    impossible dates and explicitly tagged scalars (`2024-02-30`, `!!int ''`); only a
+    ValueError's text means something to the reader."""
+    if node is None:
+        return f"not valid YAML: {_one_line(err)}"
+    detail = f" ({_one_line(err)})" if isinstance(err, ValueError) else ""
+    return f"{_where(node.start_mark)}: not valid YAML: cannot read {_repr.repr(node.value)} as {node.tag}{detail}"
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _marked_yaml_error(err: yaml.MarkedYAMLError) -> str:
+    where = f"{_where(err.problem_mark)}: " if err.problem_mark else ""
+    parts = [p for p in (err.context, err.problem) if p]
+    return f"{where}not valid YAML: {', '.join(parts) or 'syntax error'}"
+
+
+# --- scalar checks ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """How one key is checked: `check(value, path, report)` returns the model value or
+    _INVALID after reporting; `expected` describes a valid value for messages."""
+
+    check: Callable[[Any, str, _Report], Any]
+    expected: str
+    required: bool = False
+    # For the few keys whose model field has no default of its own.
+    default: Any = _NOTHING
+
+    def needed(self) -> _Field:
+        return dataclasses.replace(self, required=True)
+
+    def defaulting(self, value: Any) -> _Field:
+        return dataclasses.replace(self, default=value)
+
+
+def _scalar(expected: str, convert: Callable[[Any], Any]) -> _Field:
+    def check(value: Any, path: str, report: _Report) -> Any:
+        try:
+            return convert(value)
+        except _Invalid as bad:
+            report.error(path, str(bad), expected, value)
+            return _INVALID
+    return _Field(check, expected)
+
+
+def _integer(low: int, high: int | None = None, *, nullable: bool = False) -> _Field:
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    if nullable:
+        expected += " or null"
+
+    def convert(value: Any) -> int | None:
+        if value is None and nullable:
+            return None
+        # type() rather than isinstance(): YAML's true/false are bools, and bool is an int.
+        if type(value) is not int:
+            raise _Invalid("not an integer")
+        if value < low or (high is not None and value > high):
+            raise _Invalid("out of range")
+        return value
+    return _scalar(expected, convert)
+
+
+def _number(*, above: float | None = None, at_least: float | None = None,
+            below: float | None = None, at_most: float | None = None) -> _Field:
+    bounds = [(above, ">", float.__gt__), (at_least, ">=", float.__ge__),
+              (below, "<", float.__lt__), (at_most, "<=", float.__le__)]
+    bounds = [(limit, sign, test) for limit, sign, test in bounds if limit is not None]
+    expected = "a number " + " and ".join(f"{sign} {limit:g}" for limit, sign, _ in bounds)
+
+    def convert(value: Any) -> float:
+        if type(value) not in (int, float):
+            raise _Invalid("not a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _Invalid("out of range") from None
+        if not math.isfinite(number):
+            raise _Invalid("not a finite number")
+        if not all(test(number, float(limit)) for limit, _, test in bounds):
+            raise _Invalid("out of range")
+        return number
+    return _scalar(expected, convert)
+
+
+def _duration() -> _Field:
+    field = _number(above=0, at_most=MAX_DURATION)
+    return dataclasses.replace(field, expected=f"{field.expected} (seconds)")
+
+
+def _fraction() -> _Field:
+    return _number(above=0, at_most=1)
+
+
+def _boolean() -> _Field:
+    def convert(value: Any) -> bool:
+        if type(value) is not bool:
+            raise _Invalid("not a boolean")
+        return value
+    return _scalar("true or false", convert)
+
+
+def _choice(options: tuple) -> _Field:
+    def convert(value: Any) -> Any:
+        # Compare types too: True == 1 must not pass for conn_reuse_mode's 1.
+        if not any(type(value) is type(o) and value == o for o in options):
+            raise _Invalid("unknown value")
+        return value
+    return _scalar("one of " + ", ".join(map(str, options)), convert)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("not a string")
+    return value
+
+
+def _ip(value: Any) -> model.IPAddress:
+    try:
+        address = ipaddress.ip_address(_text(value))
+    except ValueError:
+        raise _Invalid("not an IP address") from None
+    if getattr(address, "scope_id", None):
+        raise _Invalid("zone index not supported")
+    if address.is_unspecified or address.is_multicast:
+        raise _Invalid("not a unicast address")
+    return address
+
+
+def _address() -> _Field:
+    return _scalar("an IPv4 or IPv6 address such as 10.0.0.1 or fd00::1", _ip)
+
+
+def _port() -> _Field:
+    return _integer(1, 65535)
+
+
+def _port_text(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise _Invalid("bad port")
+    return int(text)
+
+
+def _endpoint(text: str) -> tuple[model.IPAddress, int | None]:
+    """'10.0.0.1', '10.0.0.1:80', 'fd00::1', '[fd00::1]' or '[fd00::1]:80'. A bare IPv6
+    address is all address: its last group is never taken for a port."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise _Invalid("not an address")
+        return _ip(host), _port_text(rest[1:]) if rest else None
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return _ip(host), _port_text(port)
+    return _ip(text), None
+
+
+def _metrics_address() -> _Field:
+    def convert(value: Any) -> str:
+        if _text(value) == "":  # metrics disabled (docs/metrics.md)
+            return value
+        _, port = _endpoint(value)
+        if port is None:
+            raise _Invalid("no port")
+        return value
+    return _scalar("ADDRESS:PORT such as 127.0.0.1:9742 or [::1]:9742, or '' for no metrics", convert)
+
+
+def _name() -> _Field:
+    def convert(value: Any) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", _text(value)):
+            raise _Invalid("bad name")
+        return value
+    return _scalar("a non-empty name of letters, digits, '_', '.' and '-'", convert)
+
+
+def _interface_name() -> _Field:
+    # The kernel's dev_valid_name(): at most IFNAMSIZ-1 bytes, no '/', ':' or space.
+    def convert(value: Any) -> str:
+        text = _text(value)
+        if (not re.fullmatch(r"[^/:\s]+", text) or len(text.encode()) > 15
+                or text in (".", "..")):
+            raise _Invalid("bad interface name")
+        return text
+    return _scalar("an interface name of 1 to 15 bytes without '/', ':' or spaces", convert)
+
+
+def _absolute_path(max_bytes: int | None = None) -> _Field:
+    def convert(value: Any) -> str:
+        text = _text(value)
+        if not text.startswith("/") or "\0" in text:
+            raise _Invalid("not an absolute path")
+        if max_bytes is not None and len(text.encode()) > max_bytes:
+            raise _Invalid("path too long")
+        return text
+    limit = f" of at most {max_bytes} bytes" if max_bytes else ""
+    return _scalar(f"an absolute path{limit}", convert)
+
+
+def _raw(expected: str) -> _Field:
+    """A key whose value the caller checks itself, because it depends on other keys."""
+    return _Field(lambda value, path, report: value, expected)
+
+
+# --- mappings and sections -------------------------------------------------------------
+
+def _default(cls: type, name: str, field: _Field | None = None) -> Any:
+    if field is not None and field.default is not _NOTHING:
+        return field.default
+    f = cls.__dataclass_fields__[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _check_mapping(raw: Any, path: str, report: _Report, cls: type,
+                   spec: dict[str, _Field]) -> tuple[dict[str, Any], bool]:
+    """Checks the keys of `raw` against `spec`. Returns the valid values, with defaults
+    from `cls` for absent keys (a key that was present but wrong is left out), and
+    whether everything was valid."""
+    allowed = ", ".join(spec)
+    if not isinstance(raw, dict):
+        report.error(path, "not a mapping", f"a mapping with keys {allowed}", raw)
+        return {}, False
+    ok = True
+    for key in raw:
+        if not (isinstance(key, str) and key in spec):
+            report.error(_join(path, key), "unknown key", f"one of {allowed}", key)
+            ok = False
+    values = {}
+    for name, field in spec.items():
+        if name in raw:
+            value = field.check(raw[name], _join(path, name), report)
+            if value is _INVALID:
+                ok = False
+            else:
+                values[name] = value
+        elif field.required:
+            report.error(_join(path, name), "missing", field.expected)
+            ok = False
+        elif (default := _default(cls, name, field)) is not dataclasses.MISSING:
+            values[name] = default
+    return values, ok
+
+
+def _section(cls: type, spec: dict[str, _Field],
+             relations: Callable[[dict[str, Any], str, _Report], bool] = lambda values, path, report: True
+             ) -> _Field:
+    """A nested mapping that becomes `cls`. null or absent means all defaults (a section
+    whose every line is commented out). `relations` checks keys against each other; it
+    sees only the valid values."""
+    def check(value: Any, path: str, report: _Report) -> Any:
+        values, ok = _check_mapping({} if value is None else value, path, report, cls, spec)
+        ok = relations(values, path, report) and ok
+        return cls(**values) if ok else _INVALID
+    return _Field(check, "a mapping with keys " + ", ".join(spec))
+
+
+def _backoff_in_order(health: dict[str, Any], path: str, report: _Report) -> bool:
+    initial, maximum = health.get("probe_backoff_initial"), health.get("probe_backoff_max")
+    if initial is None or maximum is None or maximum >= initial:
+        return True
+    report.error(_join(path, "probe_backoff_max"), "below probe_backoff_initial",
+                 f"a number >= probe_backoff_initial ({initial:g})", maximum)
+    return False
+
+
+_HEALTH = {
+    "enabled": _boolean(),
+    "connect_deadline_floor": _duration(),
+    # Below 1 the deadline would fall under the backend's own p99: healthy connects failing.
+    "connect_deadline_multiple": _number(at_least=1),
+    "connect_history_min": _integer(1),
+    "failure_threshold": _integer(1),
+    "max_quarantined": _integer(0, nullable=True),
+    "correlated_fraction": _fraction(),
+    "correlated_window": _duration(),
+    "quarantine_weight": _integer(0, 65535),
+    "probe_backoff_initial": _duration(),
+    "probe_backoff_factor": _number(at_least=1),
+    "probe_backoff_max": _duration(),
+    "probe_jitter": _number(at_least=0, below=1),
+    "rise": _integer(1),
+    "slow_start": _duration(),
+    "slow_start_initial_fraction": _fraction(),
+    "probation": _duration(),
+    "udp_reply_window": _duration(),
+}
+
+_SYSCTLS = {
+    "conntrack": _boolean(),
+    "expire_nodest_conn": _boolean(),
+    "expire_quiescent_template": _boolean(),
+    "conn_reuse_mode": _choice(("auto", 0, 1, 2)),
+}
+
+_TRACER = {
+    # BPF map sizes are u32; the ring buffer is rounded up to a power of two pages.
+    "connection_capacity": _integer(1, 2**32 - 1),
+    "ring_buffer_pages": _integer(1, 2**20),
+}
+
+_SETTINGS = {
+    "vip_interface": _interface_name(),
+    "manage_vips": _boolean(),
+    "state_dir": _absolute_path(),
+    # sun_path holds 108 bytes including the terminating NUL.
+    "status_socket": _absolute_path(max_bytes=107),
+    "metrics_address": _metrics_address(),
+    "log_level": _choice(LOG_LEVELS),
+    "sysctls": _section(model.Sysctls, _SYSCTLS),
+    "tracer": _section(model.TracerSettings, _TRACER),
+}
+
+
+# --- services and backends -------------------------------------------------------------
+
+def _scheduler_flags() -> _Field:
+    def check(value: Any, path: str, report: _Report) -> Any:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            report.error(path, "not a list", "a list of " + flag.expected, value)
+            return _INVALID
+        flags = [flag.check(item, f"{path}[{i}]", report) for i, item in enumerate(value)]
+        ok = _INVALID not in flags
+        for i, name in enumerate(flags):
+            if name is not _INVALID and flags.index(name) < i:
+                report.error(f"{path}[{i}]", "duplicate flag", "each flag once", name)
+                ok = False
+        return tuple(flags) if ok else _INVALID
+    flag = _choice(model.SCHEDULER_FLAGS)
+    return _Field(check, "a list of " + flag.expected)
+
+
+_SERVICE = {
+    "name": _name().needed(),
+    "protocol": _choice(PROTOCOLS).defaulting("tcp"),
+    "vip": _address().needed(),
+    "port": _port().needed(),
+    "scheduler": _choice(model.SCHEDULERS),
+    "persistence_timeout": _integer(0, 2**32 - 1),
+    "forwarding": _choice(FORWARDING),
+    "scheduler_flags": _scheduler_flags(),
+    "backends": _raw("a non-empty list of backends").needed(),
+    "health": _section(model.HealthSettings, _HEALTH, _backoff_in_order),
+}
+
+_BACKEND = {
+    "address": _address().needed(),
+    # Absent: the service's port.
+    "port": _port(),
+    "weight": _integer(0, 65535),
+}
+_BACKEND_FORMS = "a mapping with keys address, port, weight, or 'ADDRESS', 'ADDRESS:PORT', '[IPV6]:PORT'"
+
+
+def _services() -> _Field:
+    def check(value: Any, path: str, report: _Report) -> Any:
+        if value is None:  # `services:` with every entry commented out
+            return ()
+        if not isinstance(value, list):
+            report.error(path, "not a list", "a list of services", value)
+            return _INVALID
+        checked = [_service(item, f"{path}[{i}]", report) for i, item in enumerate(value)]
+        unique = _unique_services([values for values, _ in checked], path, report)
+        services = tuple(service for _, service in checked)
+        return services if unique and all(s is not None for s in services) else _INVALID
+    return _Field(check, "a list of services")
+
+
+def _service(raw: Any, path: str, report: _Report) -> tuple[dict[str, Any], model.Service | None]:
+    """Returns the valid values (for the uniqueness checks across services) and the
+    service, or None if anything is wrong with it."""
+    values, ok = _check_mapping(raw, path, report, model.Service, _SERVICE)
+    if "backends" in values:
+        backends = _backends(values["backends"], _join(path, "backends"), report, values)
+        ok = ok and backends is not None
+        values["backends"] = backends
+    ok = _flags_fit_scheduler(values, path, report) and ok
+    return values, model.Service(**values) if ok else None
+
+
+def _flags_fit_scheduler(service: dict[str, Any], path: str, report: _Report) -> bool:
+    scheduler = service.get("scheduler")
+    ok = True
+    for i, flag in enumerate(service.get("scheduler_flags", ())):
+        owner = flag.split("-")[0]
+        if owner in ("sh", "mh") and scheduler is not None and owner != scheduler:
+            report.error(f"{_join(path, 'scheduler_flags')}[{i}]", f"flag of the {owner} scheduler",
+                         f"flag-1, flag-2 or flag-3 with scheduler {scheduler}", flag)
+            ok = False
+    return ok
+
+
+def _backends(raw: Any, path: str, report: _Report,
+              service: dict[str, Any]) -> tuple[model.Backend, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        problem = "empty" if raw == [] else "not a list"
+        report.error(path, problem, "a non-empty list of backends", raw)
+        return None
+    backends = []
+    first: dict[tuple[model.IPAddress, int], int] = {}
+    for i, item in enumerate(raw):
+        item_path = f"{path}[{i}]"
+        values, ok = _backend(item, item_path, report, service.get("port"))
+        ok = _backend_fits(values, item, item_path, report, service) and ok
+        key = (values.get("address"), values.get("port"))
+        if key[0] is not None and key[1] is not None and first.setdefault(key, i) != i:
+            report.error(item_path, "duplicate backend",
+                         f"each address and port once (backends[{first[key]}] has it)", _show_endpoint(*key))
+            ok = False
+        backends.append(model.Backend(**values) if ok else None)
+    return tuple(backends) if all(b is not None for b in backends) else None
+
+
+def _backend(raw: Any, path: str, report: _Report, service_port: int | None) -> tuple[dict[str, Any], bool]:
+    """The backend's valid values, its port defaulted to the service's, and whether it is
+    all valid."""
+    if isinstance(raw, str):
+        try:
+            address, port = _endpoint(raw)
+        except _Invalid as bad:
+            report.error(path, str(bad), _BACKEND_FORMS, raw)
+            return {}, False
+        values = {"address": address, "port": service_port if port is None else port,
+                  "weight": _default(model.Backend, "weight")}
+        ok = True
+    elif isinstance(raw, dict):
+        values, ok = _check_mapping(raw, path, report, model.Backend, _BACKEND)
+        if "port" not in raw:
+            values["port"] = service_port
+    else:
+        report.error(path, "not a mapping or string", _BACKEND_FORMS, raw)
+        return {}, False
+    # No port of its own and no valid service port: that error has been reported already.
+    if values.get("port") is None:
+        values.pop("port", None)
+        ok = False
+    return values, ok
+
+
+def _backend_fits(backend: dict[str, Any], raw: Any, path: str, report: _Report,
+                  service: dict[str, Any]) -> bool:
+    """What IPVS needs of a backend given the service's VIP, port and forwarding method."""
+    def where(key: str) -> str:
+        return path if isinstance(raw, str) else _join(path, key)
+
+    vip, port, forwarding = service.get("vip"), service.get("port"), service.get("forwarding")
+    address, backend_port = backend.get("address"), backend.get("port")
+    ok = True
+    # IPVS forwards to the other address family only by encapsulating (tunnel).
+    if (vip is not None and address is not None and forwarding in ("masq", "route")
+            and address.version != vip.version):
+        report.error(where("address"), f"IPv{address.version} backend for an IPv{vip.version} VIP",
+                     f"an IPv{vip.version} address (only forwarding: tunnel mixes families)", str(address))
+        ok = False
+    # Route and tunnel forward the packet unchanged: the backend sees the VIP's port.
+    if (port is not None and backend_port is not None and forwarding in ("route", "tunnel")
+            and backend_port != port):
+        report.error(where("port"), f"port differs from the service port under {forwarding} forwarding",
+                     f"{port} (only masq can change the port)", backend_port)
+        ok = False
+    return ok
+
+
+def _unique_services(services: list[dict[str, Any]], path: str, report: _Report) -> bool:
+    names: dict[str, int] = {}
+    keys: dict[tuple[str, model.IPAddress, int], int] = {}
+    ok = True
+    for i, service in enumerate(services):
+        name = service.get("name")
+        if name is not None and names.setdefault(name, i) != i:
+            report.error(f"{path}[{i}].name", "duplicate name",
+                         f"a name no other service has ({path}[{names[name]}] has it)", name)
+            ok = False
+        key = tuple(service.get(k) for k in ("protocol", "vip", "port"))
+        if None not in key and keys.setdefault(key, i) != i:
+            report.error(f"{path}[{i}]", "duplicate protocol, vip and port",
+                         f"each once across services ({path}[{keys[key]}] has it)",
+                         f"{key[0]} {_show_endpoint(key[1], key[2])}")
+            ok = False
+    return ok
+
+
+def _show_endpoint(address: model.IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+_CONFIG = {
+    "settings": _section(model.Settings, _SETTINGS),
+    "services": _services().needed(),
+}
+
+
+def _config(doc: Any, report: _Report) -> model.Config | None:
+    if doc is None:
+        report.note("file is empty, expected a mapping with 'services'")
+        return None
+    if not isinstance(doc, dict):
+        report.error("top level", "not a mapping", "a mapping with keys settings, services", doc)
+        return None
+    values, ok = _check_mapping(doc, "", report, model.Config, _CONFIG)
+    return model.Config(**values) if ok else None
