@@ -23,6 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
     check.set_defaults(handler=_check_config)
 
+    run = sub.add_parser("run", help="run the daemon: reconcile IPVS, trace connections, quarantine failing backends")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    run.set_defaults(handler=_run)
+
+    demo = sub.add_parser("demo", help="live failover demo: boots a Debian kernel VM (source checkout) and "
+                          "shows a refused and a blackholed backend taken out and brought back")
+    demo.add_argument("--kernel", default="6.12", help="test-bed kernel for the VM: 6.1, 6.12 or newest (default 6.12)")
+    demo.add_argument("--here", action="store_true", help="run on this host instead of a VM (needs root and IPVS)")
+    demo.set_defaults(handler=_demo)
+
     status = sub.add_parser("status", help="show services, backends, health states and weights of the running daemon")
     status.add_argument("--socket", default=DEFAULT_STATUS_SOCKET, help=f"status socket (default {DEFAULT_STATUS_SOCKET})")
     status.add_argument("--json", action="store_true", help="print the raw JSON document, for scripts")
@@ -36,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attribute backends from /proc/net/ip_vs_conn instead of the ip_vs_conn_new kprobe")
     events.set_defaults(handler=_events)
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ipvslb import daemon
+
+    return daemon.main(args.config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ipvslb import demo
+
+    return demo.run_here() if args.here else demo.run_in_vm(args.kernel)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -1,0 +1,328 @@
+"""`ipvslb run`: the imperative shell around the pure parts.
+
+config -> IPVS reconcile -> tracer (VIP filter) -> health -> weight changes, on one asyncio
+loop: the tracer's ring buffer, health timers, probes, signals (SIGHUP reload, SIGTERM and
+SIGINT exit leaving IPVS as it is), the status socket, metrics and sd_notify.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+from ipvslb import __version__, config, health, probe, status, systemd
+from ipvslb.events import format_endpoint
+from ipvslb.ipvs import ApplyError, IPVSError, Manager
+from ipvslb.ipvs.specs import service_spec
+from ipvslb.model import Config, Service
+from ipvslb.tracer import Tracer, TracerUnavailable
+
+log = logging.getLogger("ipvslb")
+
+
+class StartupError(RuntimeError):
+    """A precondition is missing; the message says what to install or enable."""
+
+
+@dataclass
+class ReconcileStats:
+    runs: int = 0
+    writes: int = 0
+    last_seconds: float = 0.0
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config, rng: random.Random | None = None):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.rng = rng or random.Random()
+        self.health: dict[tuple, health.ServiceHealth] = {}
+        self.records: collections.Counter[str] = collections.Counter()
+        self.reconcile = ReconcileStats()
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._probes: set[asyncio.Task] = set()
+        # (service key, backend) -> recent (monotonic time, weight) written to IPVS, so that
+        # status and tests can measure evidence-to-weight latency.
+        self.weight_history: dict[tuple, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=32))
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _open_kernel(self) -> None:
+        try:
+            self.manager = Manager(self.cfg.settings)
+        except IPVSError as err:
+            raise StartupError(f"IPVS is unavailable ({err.strerror or err}): `modprobe ip_vs` must work; "
+                               "install the kernel's modules (linux-image-*) or enable CONFIG_IP_VS") from err
+        try:
+            self.tracer = Tracer(self.cfg.settings.tracer)
+        except TracerUnavailable as err:
+            self.manager.close()
+            raise StartupError(str(err)) from err
+
+    def _observed_weights(self, services: tuple[Service, ...]) -> dict[tuple, dict]:
+        """Weights in the kernel now, for services that exist there (restart continuity)."""
+        kernel = {ks.spec.key: ks.spec for ks in self.manager.ipvs.services()}
+        observed = {}
+        for svc in services:
+            spec = kernel.get(service_spec(svc).key)
+            if spec is None:
+                continue
+            weights = {(d.spec.address, d.spec.port): d.spec.weight for d in self.manager.ipvs.dests(spec)}
+            observed[svc.key] = {b.key: weights[(b.address.packed, b.port)] for b in svc.backends
+                                 if (b.address.packed, b.port) in weights}
+        return observed
+
+    def _start_health(self, now: float) -> None:
+        observed = self._observed_weights(self.cfg.services)
+        for svc in self.cfg.services:
+            self.health[svc.key] = health.ServiceHealth(svc, self.rng, now, observed.get(svc.key))
+            self._hold_wanted_weights(svc)
+
+    def _hold_wanted_weights(self, svc: Service) -> None:
+        """Tell IPVS's manager which weights health wants, so apply writes them (or nothing
+        when the kernel already has them) instead of restoring configured weights."""
+        for backend, weight in self.health[svc.key].weights().items():
+            self.manager.hold_weight(svc.key, backend, weight)
+
+    def _apply(self) -> None:
+        started = time.monotonic()
+        try:
+            result = self.manager.apply(self.cfg.services)
+            writes = result.writes
+        except ApplyError as err:
+            log.error("IPVS reconcile: %s", err)
+            writes = err.result.writes
+        self.reconcile.runs += 1
+        self.reconcile.writes += writes
+        self.reconcile.last_seconds = time.monotonic() - started
+        log.info("IPVS reconciled: %d services, %d netlink writes, %.1f ms", len(self.cfg.services), writes,
+                 self.reconcile.last_seconds * 1000)
+
+    # -- evidence in, actions out --------------------------------------------------------
+
+    def _service_for(self, protocol: str, vip: tuple) -> health.ServiceHealth | None:
+        return self.health.get((protocol, vip[0], vip[1]))
+
+    def _on_records(self) -> None:
+        now = time.monotonic()
+        for event in self.tracer.read():
+            self.records[event.kind.label] += 1
+            svc = self._service_for(event.protocol, event.vip)
+            evidence = health.evidence_from(event)
+            if svc is not None and evidence is not None:
+                self._act(svc, svc.feed(evidence, now))
+        self._schedule_tick()
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        now = time.monotonic()
+        for svc in list(self.health.values()):
+            self._act(svc, svc.tick(now))
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        deadlines = [d for svc in self.health.values() if (d := svc.next_deadline()) is not None]
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if deadlines:
+            # loop.time() is time.monotonic(), the clock health is fed with.
+            self._tick_handle = asyncio.get_running_loop().call_at(min(deadlines), self._tick)
+
+    def _act(self, svc: health.ServiceHealth, actions: list) -> None:
+        name = svc.service.name
+        for action in actions:
+            match action:
+                case health.SetWeight(backend, weight, reason):
+                    try:
+                        self.manager.set_weight(svc.service.key, backend, weight)
+                    except (OSError, KeyError) as err:
+                        log.error("%s %s: cannot set weight %d: %s", name, format_endpoint(backend), weight, err)
+                    else:
+                        self.weight_history[(svc.service.key, backend)].append((time.monotonic(), weight))
+                        log.info("%s %s: weight %d (%s)", name, format_endpoint(backend), weight, reason)
+                case health.StartProbe(backend, timeout):
+                    task = asyncio.get_running_loop().create_task(self._probe(svc, backend, timeout))
+                    self._probes.add(task)
+                    task.add_done_callback(self._probes.discard)
+                case health.Transition(backend, old, new, evidence):
+                    log.warning("%s %s: %s -> %s: %s", name, format_endpoint(backend), old, new, evidence)
+                case health.QuarantineWithheld(backend, guard, evidence):
+                    log.warning("%s %s: quarantine withheld by guard (%s): %s", name, format_endpoint(backend),
+                                guard, evidence)
+                case health.FreezeReported(_, reason):
+                    log.error("%s: quarantines frozen, suspecting this host's own path: %s", name, reason)
+                case health.FreezeLifted(_, reason):
+                    log.warning("%s: quarantine freeze lifted: %s", name, reason)
+
+    async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float) -> None:
+        outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout)
+        if self.health.get(svc.service.key) is not svc:
+            return  # the service was reloaded away while the probe ran
+        now = time.monotonic()
+        result = health.ProbeResult(backend, outcome.ok, now, outcome.detail)
+        self._act(svc, svc.feed(result, now))
+        self._schedule_tick()
+
+    # -- reload --------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as err:
+            for line in err.messages:
+                log.error("reload refused, nothing changed: %s", line)
+            systemd.notify("READY=1", "STATUS=reload refused: invalid configuration")
+            return
+        if new.settings != self.cfg.settings:
+            log.warning("reload: changes under 'settings' take effect at the next restart")
+            new = Config(settings=self.cfg.settings, services=new.services)
+        now = time.monotonic()
+        pending: list[tuple[health.ServiceHealth, list]] = []
+        kept = {}
+        for svc in new.services:
+            current = self.health.get(svc.key)
+            if current is None:
+                current = health.ServiceHealth(svc, self.rng, now)
+            else:
+                pending.append((current, current.update_service(svc, now)))
+            kept[svc.key] = current
+        self.health = kept
+        self.cfg = new
+        for svc in new.services:
+            self._hold_wanted_weights(svc)
+        self._apply()
+        self.tracer.set_vips((s.protocol, s.vip, s.port) for s in new.services)
+        for svc, actions in pending:
+            self._act(svc, [a for a in actions if not isinstance(a, health.SetWeight)])
+        self._schedule_tick()
+        log.info("reloaded %s: %d services", self.config_path, len(new.services))
+        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+
+    # -- status --------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "now": time.monotonic(),
+            "started": self.started,
+            "attribution": self.tracer.attribution,
+            "lost_records": self.tracer.lost_records(),
+            "records": dict(self.records),
+            "reconcile": vars(self.reconcile),
+            "services": [self._service_snapshot(svc) for svc in self.health.values()],
+        }
+
+    def _service_snapshot(self, svc: health.ServiceHealth) -> dict:
+        doc = svc.snapshot()
+        for backend, row in zip(svc.service.backends, doc["backends"]):
+            row["weight_history"] = list(self.weight_history.get((svc.service.key, backend.key), ()))
+        return doc
+
+    def _status_line(self) -> str:
+        out = sum(1 for svc in self.health.values() for w in svc.weights().values() if w == 0)
+        return f"{len(self.health)} services, {out} backends out of rotation"
+
+    # -- main ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._open_kernel()
+        log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s", __version__,
+                 self.tracer.compile_seconds, self.tracer.attribution)
+        self._start_health(time.monotonic())
+        self._apply()
+        self.tracer.set_vips((s.protocol, s.vip, s.port) for s in self.cfg.services)
+        loop.add_reader(self.tracer.fileno(), self._on_records)
+        server = await status.serve(self.cfg.settings.status_socket, self.snapshot)
+        self._start_metrics(loop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        watchdog = loop.create_task(self._watchdog())
+        self._schedule_tick()
+        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+        log.info("running: %s", self._status_line())
+        try:
+            await self._stop.wait()
+        finally:
+            systemd.notify("STOPPING=1")
+            log.info("stopping; IPVS is left as it is")
+            watchdog.cancel()
+            for task in self._probes:
+                task.cancel()
+            loop.remove_reader(self.tracer.fileno())
+            server.close()
+            self.tracer.close()
+            self.manager.close()
+
+    def _start_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
+        address = self.cfg.settings.metrics_address
+        if not address:
+            return
+        from prometheus_client import start_http_server
+
+        from ipvslb import metrics
+
+        host, _, port = address.rpartition(":")
+
+        def snapshot_from_loop() -> dict:
+            # Scrapes run in prometheus_client's thread; the state belongs to the loop.
+            return asyncio.run_coroutine_threadsafe(_call(self.snapshot), loop).result(timeout=5)
+
+        # A daemon thread: it ends with the process (0.16, Debian 12's, returns no handle).
+        start_http_server(int(port), addr=host.strip("[]"), registry=metrics.registry_for(snapshot_from_loop))
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+async def _call(fn):
+    return fn()
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    if os.environ.get("JOURNAL_STREAM"):
+        # journald reads the <priority> prefix and adds its own timestamps.
+        priorities = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+        class JournalFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return f"<{priorities.get(record.levelname, 6)}>{record.getMessage()}"
+
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(config_path: str) -> int:
+    try:
+        cfg = config.load(config_path)
+    except config.ConfigError as err:
+        for line in err.messages:
+            print(line, flush=True)
+        return 1
+    setup_logging(cfg.settings.log_level)
+    try:
+        asyncio.run(Daemon(config_path, cfg).run())
+    except StartupError as err:
+        log.critical("cannot start: %s", err)
+        return 1
+    return 0
