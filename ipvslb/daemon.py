@@ -225,8 +225,9 @@ class Daemon:
 
     def _service_snapshot(self, svc: health.ServiceHealth) -> dict:
         doc = svc.snapshot()
-        for backend, row in zip(svc.service.backends, doc["backends"]):
-            row["weight_history"] = list(self.weight_history.get((svc.service.key, backend.key), ()))
+        keys = {format_endpoint(b.key): b.key for b in svc.service.backends}
+        for row in doc["backends"]:
+            row["weight_history"] = list(self.weight_history.get((svc.service.key, keys.get(row["endpoint"])), ()))
         return doc
 
     def _status_line(self) -> str:
