@@ -37,30 +37,30 @@ class Attempt:
 
 
 class ClientLoop:
-    """RATE connects per second to the VIP, each in a worker so a stuck one does not block."""
+    """`rate` connects per second to the VIP, each in a worker so a stuck one does not block."""
 
-    def __init__(self):
+    def __init__(self, vip: str = VIP, port: int = PORT, rate: int = RATE, timeout: float = CONNECT_TIMEOUT):
+        self.target, self.rate, self.timeout = (vip, port), rate, timeout
         self.attempts: list[Attempt] = []
         self._stop = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * RATE)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(4 * rate * timeout) + 8)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _one(self) -> None:
         started = time.monotonic()
         try:
-            with socket.create_connection((VIP, PORT), timeout=CONNECT_TIMEOUT) as s:
-                s.settimeout(CONNECT_TIMEOUT)
+            with socket.create_connection(self.target, timeout=self.timeout) as s:
                 name = s.makefile("rb").readline().strip().decode()
             self.attempts.append(Attempt(started, True, time.monotonic() - started, name))
         except OSError as err:
             self.attempts.append(Attempt(started, False, time.monotonic() - started,
-                                         error=type(err).__name__ if not err.strerror else err.strerror))
+                                         error=err.strerror or type(err).__name__))
 
     def _run(self) -> None:
         tick = time.monotonic()
         while not self._stop.is_set():
             self._pool.submit(self._one)
-            tick += 1.0 / RATE
+            tick += 1.0 / self.rate
             time.sleep(max(0.0, tick - time.monotonic()))
 
     def start(self) -> None:

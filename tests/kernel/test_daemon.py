@@ -1,0 +1,257 @@
+"""The daemon end to end on a real kernel: `ipvslb run` as a process, a client loop through
+the VIP, backends switched between accept / refuse / blackhole. IPVS weights are read back
+through the daemon's status socket and checked against `ipvsadm -Ln`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ipvslb import status
+from ipvslb.demo import ClientLoop
+from tests.kernel.conftest import ipvsadm
+
+VIP, PORT = "10.91.0.1", 80
+WORK = Path("/run/ipvslb-test")
+SOCKET = WORK / "status.sock"
+WEIGHT = 10  # large enough for the slow-start ramp to show intermediate weights
+
+
+def write_config(backends, extra_service: str = "") -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "settings:",
+        f"  state_dir: {WORK}/state",
+        f"  status_socket: {SOCKET}",
+        "  metrics_address: 127.0.0.1:9743",
+        "  log_level: debug",
+        "services:",
+        "  - name: web",
+        f"    vip: {VIP}",
+        f"    port: {PORT}",
+        "    scheduler: rr",
+        "    backends:",
+        *[f"      - {{address: {b.v4}, port: {b.port}, weight: {WEIGHT}}}" for b in backends],
+    ]
+    path = WORK / "config.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra_service)
+    return path
+
+
+class DaemonProcess:
+    def __init__(self, config: Path):
+        self.config = config
+        self.log_path = WORK / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240) -> None:
+        if SOCKET.exists():
+            SOCKET.unlink()
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not SOCKET.exists():
+            assert self.proc.poll() is None, f"daemon exited: {self.log()}"
+            assert time.monotonic() < deadline, "daemon did not come up"
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> dict:
+        return status.fetch(str(SOCKET))
+
+    def backends(self) -> dict[str, dict]:
+        return {b["endpoint"]: b for s in self.status()["services"] for b in s["backends"]}
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+
+
+def kernel_weights() -> dict[str, int]:
+    """Destination weights of our VIP as ipvsadm (the independent oracle) sees them."""
+    weights, inside = {}, False
+    for line in ipvsadm("-Ln").splitlines():
+        fields = line.split()
+        if fields[:1] == ["TCP"]:
+            inside = fields[1] == f"{VIP}:{PORT}"
+        elif inside and fields[:1] == ["->"] and fields[1][0].isdigit():
+            weights[fields[1]] = int(fields[3])
+    return weights
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def first_weight(daemon_backend: dict, weight_is, after: float) -> float | None:
+    return next((t for t, w in daemon_backend["weight_history"] if t >= after and weight_is(w)), None)
+
+
+@pytest.fixture(scope="module")
+def daemon(_session_topology):
+    topo = _session_topology
+    topo.reset()
+    ipvsadm("-C")
+    config = write_config(topo.backends)
+    d = DaemonProcess(config)
+    d.start()
+    yield d
+    d.kill()
+    print(d.log()[-4000:])
+    ipvsadm("-C")
+
+
+@pytest.fixture
+def fresh(daemon, _session_topology):
+    """All backends accepting and back at full weight before the test starts."""
+    _session_topology.reset()
+    wait_for(lambda: all(b["state"] == "healthy" and b["weight"] == b["configured_weight"]
+                         for b in daemon.backends().values()), 90, "every backend healthy")
+    return daemon
+
+
+def endpoint(b) -> str:
+    return f"{b.v4}:{b.port}"
+
+
+def test_the_daemon_builds_ipvs_from_its_config(fresh, _session_topology):
+    assert kernel_weights() == {endpoint(b): WEIGHT for b in _session_topology.backends}
+    assert f"{VIP}/32" in subprocess.run(["ip", "-o", "addr", "show", "dev", "ipvslb0"],
+                                         capture_output=True, text=True).stdout
+
+
+def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ramp(fresh, _session_topology):
+    b = _session_topology.backends[0]
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    time.sleep(2)
+    fault = time.monotonic()
+    b.set_mode("refuse")
+    row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 10, "weight 0")
+    assert kernel_weights()[endpoint(b)] == 0
+    first_refused = min(a.started for a in client.attempts if not a.ok and a.started >= fault)
+    out_at = first_weight(row, lambda w: w == 0, fault)
+    latency = out_at - first_refused
+    print(f"refused: weight 0 {latency * 1000:.1f} ms after the first refused connect started")
+    assert latency < 0.020 + 0.005  # loopback-veth RTT is well under 5 ms here
+
+    restored = time.monotonic()
+    b.set_mode("accept")
+    wait_for(lambda: fresh.backends()[endpoint(b)]["state"] == "ramping", 30, "ramping")
+    row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["state"] == "healthy" and r, 60, "healthy")
+    partial = [w for t, w in row["weight_history"] if t >= restored]
+    client.stop()
+    print(f"re-admission weights: {partial}")
+    assert 0 < partial[0] < WEIGHT and partial == sorted(partial) and partial[-1] == WEIGHT
+    assert kernel_weights()[endpoint(b)] == WEIGHT
+    failed_after_detection = [a for a in client.attempts if not a.ok and a.started > out_at]
+    assert len(failed_after_detection) <= 1
+
+
+def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fails(fresh, _session_topology):
+    b = _session_topology.backends[1]
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    time.sleep(2.5)  # > 20 successful connects per backend: the adaptive deadline is trusted
+    assert sum(1 for a in client.attempts if a.ok and a.backend == f"b{b.index}") >= 20
+    fault = time.monotonic()
+    b.set_mode("blackhole")
+    row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 10, "weight 0")
+    out_at = first_weight(row, lambda w: w == 0, fault)
+    stuck = [a for a in client.attempts if a.started >= fault and (not a.ok or a.elapsed > 0.5)]
+    time.sleep(4)  # every connect started before the quarantine has finished or timed out
+    client.stop()
+    first_syn = min(a.started for a in client.attempts if a.started >= fault and (not a.ok or a.elapsed > 0.15))
+    print(f"blackholed: weight 0 {(out_at - first_syn) * 1000:.0f} ms after the first connect to it started; "
+          f"{len(stuck)} connects were delayed, rescued by expire_nodest_conn")
+    assert out_at - first_syn < 0.5
+    failed = [a for a in client.attempts if not a.ok]
+    assert failed == []
+    b.set_mode("accept")
+
+
+def test_all_backends_refusing_quarantines_at_most_half_and_reports_the_freeze(fresh, _session_topology):
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    time.sleep(1)
+    for b in _session_topology.backends:
+        b.set_mode("refuse")
+    time.sleep(5)
+    client.stop()
+    rows = fresh.backends()
+    out = [ep for ep, r in rows.items() if r["weight"] == 0]
+    assert len(out) <= len(rows) // 2
+    assert sum(1 for w in kernel_weights().values() if w > 0) >= 2
+    assert "frozen" in fresh.log()
+
+
+def test_reload_applies_new_backends_and_ignores_a_broken_file(fresh, _session_topology):
+    b1, b2, b3 = _session_topology.backends
+    config = write_config([b1, b2])
+    fresh.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: set(kernel_weights()) == {endpoint(b1), endpoint(b2)}, 10, "b3 removed")
+    pid = fresh.proc.pid
+    good = config.read_text()
+    config.write_text(good + "  - name: broken\n    vip: not-an-address\n")
+    fresh.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in fresh.log(), 10, "the refusal in the log")
+    assert set(kernel_weights()) == {endpoint(b1), endpoint(b2)}
+    write_config([b1, b2, b3])
+    fresh.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: set(kernel_weights()) == {endpoint(b) for b in (b1, b2, b3)}, 10, "b3 back")
+    assert fresh.proc.pid == pid and fresh.proc.poll() is None
+
+
+def test_kill_9_loses_no_connects_and_restart_writes_nothing(fresh, _session_topology):
+    b = _session_topology.backends[2]
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    b.set_mode("refuse")
+    wait_for(lambda: fresh.backends()[endpoint(b)]["weight"] == 0, 10, "quarantine")
+    before = kernel_weights()
+    killed_at = time.monotonic()
+    fresh.proc.kill()
+    fresh.proc.wait()
+    time.sleep(3)
+    fresh.start()
+    doc = fresh.status()
+    client.stop()
+    assert doc["reconcile"]["writes"] == 0, "a restart with the same config must not write to IPVS"
+    assert kernel_weights() == before
+    failed = [a for a in client.attempts if not a.ok and a.started >= killed_at]
+    assert failed == []
+    # Re-evaluated, not blindly restored: it comes back once it accepts again.
+    assert fresh.backends()[endpoint(b)]["state"] in ("quarantined", "probing")
+    b.set_mode("accept")
+    wait_for(lambda: fresh.backends()[endpoint(b)]["state"] == "healthy", 60, "re-admission after restart")
+
+
+def test_a_healthy_backend_300ms_away_is_never_quarantined(fresh, _session_topology):
+    """One minute of the client loop with one backend behind 300 ms of netem delay."""
+    far = _session_topology.backends[0]
+    far.set_delay(300)
+    started = time.monotonic()
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    time.sleep(60)
+    client.stop()
+    rows = fresh.backends()
+    far.set_delay(0)
+    assert all(r["state"] == "healthy" and r["weight"] == r["configured_weight"] for r in rows.values())
+    assert not any(w < WEIGHT for r in rows.values() for t, w in r["weight_history"] if t >= started)
+    assert [a for a in client.attempts if not a.ok] == []
