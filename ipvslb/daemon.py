@@ -15,10 +15,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import __version__, config, health, probe, status, systemd
+from ipvslb import __version__, config, health, probe, status, systemd, udpwatch
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
-from ipvslb.ipvs.specs import service_spec
+from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Config, Service
 from ipvslb.tracer import Tracer, TracerUnavailable
 
@@ -163,6 +163,28 @@ class Daemon:
                 case health.FreezeLifted(_, reason):
                     log.warning("%s: quarantine freeze lifted: %s", name, reason)
 
+    async def _watch_udp(self) -> None:
+        """Feed UDP services with evidence from IPVS's packet counters, once per window."""
+        previous: dict[tuple, dict] = {}
+        while True:
+            udp = [svc for svc in self.health.values()
+                   if svc.service.protocol == "udp" and svc.settings.enabled]
+            window = min((svc.settings.udp_reply_window for svc in udp), default=1.0)
+            await asyncio.sleep(window)
+            now = time.monotonic()
+            for svc in udp:
+                try:
+                    dests = self.manager.ipvs.dests(service_spec(svc.service), stats=True)
+                except OSError as err:
+                    log.debug("%s: no UDP counters: %s", svc.service.name, err)
+                    continue
+                current = {(ip(d.spec.address), d.spec.port): (d.stats.inpkts, d.stats.outpkts)
+                           for d in dests if d.stats is not None}
+                for evidence in udpwatch.judge(previous.get(svc.service.key, {}), current, now):
+                    self._act(svc, svc.feed(evidence, now))
+                previous[svc.service.key] = current
+            self._schedule_tick()
+
     async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float) -> None:
         outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout)
         if self.health.get(svc.service.key) is not svc:
@@ -251,6 +273,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         watchdog = loop.create_task(self._watchdog())
+        udp_watch = loop.create_task(self._watch_udp())
         self._schedule_tick()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
         log.info("running: %s", self._status_line())
@@ -260,6 +283,7 @@ class Daemon:
             systemd.notify("STOPPING=1")
             log.info("stopping; IPVS is left as it is")
             watchdog.cancel()
+            udp_watch.cancel()
             for task in self._probes:
                 task.cancel()
             loop.remove_reader(self.tracer.fileno())

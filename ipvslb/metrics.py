@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-STATES = ("healthy", "suspect", "quarantined", "probing", "ramping")
+STATES = ("healthy", "suspect", "quarantined", "probing", "ramping", "disabled")
 BACKEND_COUNTERS = {
     "successes": ("ipvslb_backend_connects_established_total", "Connects to the backend that completed."),
     "quarantines": ("ipvslb_backend_quarantines_total", "Times the backend was taken out of rotation."),

@@ -46,7 +46,8 @@ def write_config(backends, extra_service: str = "") -> Path:
 class DaemonProcess:
     def __init__(self, config: Path):
         self.config = config
-        self.log_path = WORK / "daemon.log"
+        # In the VM runner's results directory when there is one: the host can follow it.
+        self.log_path = Path(os.environ.get("IPVSLB_RESULTS", WORK)) / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> None:

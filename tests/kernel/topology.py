@@ -50,7 +50,8 @@ class TestBackend:
         return self.v4 if family == 4 else self.v6
 
     def _control(self, word: str) -> None:
-        for _ in range(100):
+        # Up to 30 s: a Python server starting under emulation on a loaded host is slow.
+        for _ in range(600):
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                     s.connect(self.control)
