@@ -34,3 +34,29 @@ test-kernel: venv kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- Packages (issue 6). Build tools come from packaging/setup-build-deps, not setup-host:
+# `make check` does not need them. packaging/deb/README and README.md#install explain.
+.PHONY: build-deps deb apt-repo rpm rpm-repo packages test-package
+
+build-deps:
+	./packaging/setup-build-deps
+
+deb: build-deps
+	./packaging/build-deb
+
+apt-repo: deb
+	./packaging/build-apt-repo
+
+rpm: build-deps
+	./packaging/build-rpm
+
+rpm-repo: rpm
+	./packaging/build-rpm-repo
+
+packages: apt-repo rpm-repo
+
+# Boots a Debian 12 systemd guest on kernel 6.1 and installs ipvslb from dist/apt by name
+# (about 10 minutes under TCG; not part of `make check`).
+test-package: apt-repo venv
+	./packaging/vm-install-test --kernel 6.1
