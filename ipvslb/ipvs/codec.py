@@ -1,0 +1,223 @@
+"""Packing and unpacking of IPVS service and destination messages with `struct`.
+
+These are the messages that come by the thousand: a full load writes one per service and
+destination, and every apply reads every destination back. pyroute2's generic encoder
+costs about 1.4 ms per message in the test VM (ipvsadm restores a whole table of 11 000
+rules in 4.4 s), so this module packs and unpacks the bytes itself. The layout follows
+`messages`, from which it takes every attribute number; tests/unit/test_ipvs_codec.py
+checks both directions against pyroute2's reading of the same schema.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from ipvslb.ipvs import messages
+from ipvslb.ipvs.specs import (
+    AF_INET,
+    CONN_F_FWD_MASK,
+    PROTOCOL_NAMES,
+    PROTOCOLS,
+    SVC_F_MANAGED,
+    DestSpec,
+    KernelDest,
+    KernelService,
+    ServiceSpec,
+    Stats,
+)
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+_CMD = messages.attr_numbers(messages.ipvsmsg.nla_map)
+_SVC = messages.attr_numbers(messages.ipvsmsg.service.nla_map)
+_DEST = messages.attr_numbers(messages.ipvsmsg.dest.nla_map)
+_STATS = messages.attr_numbers(messages.STATS_MAP)
+
+CMD_ATTR_SERVICE = _CMD["IPVS_CMD_ATTR_SERVICE"]
+CMD_ATTR_DEST = _CMD["IPVS_CMD_ATTR_DEST"]
+SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_FWMARK = (
+    _SVC[f"IPVS_SVC_ATTR_{n}"] for n in ("AF", "PROTOCOL", "ADDR", "PORT", "FWMARK"))
+SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK, SVC_STATS, SVC_STATS64 = (
+    _SVC[f"IPVS_SVC_ATTR_{n}"] for n in ("SCHED_NAME", "FLAGS", "TIMEOUT", "NETMASK", "STATS", "STATS64"))
+DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = (
+    _DEST[f"IPVS_DEST_ATTR_{n}"] for n in ("ADDR", "PORT", "FWD_METHOD", "WEIGHT", "U_THRESH", "L_THRESH"))
+DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_PERSIST_CONNS, DEST_STATS, DEST_ADDR_FAMILY, DEST_STATS64 = (
+    _DEST[f"IPVS_DEST_ATTR_{n}"]
+    for n in ("ACTIVE_CONNS", "INACT_CONNS", "PERSIST_CONNS", "STATS", "ADDR_FAMILY", "STATS64"))
+# Stats fields in Stats order; in the 32-bit STATS nest only the byte counters are 64-bit.
+STATS_ATTRS = tuple(_STATS[f"IPVS_STATS_ATTR_{n.upper()}"] for n in Stats._fields)
+
+_HEADER = struct.Struct("=IHHII")   # struct nlmsghdr
+_GENL = struct.Struct("=BBH")       # struct genlmsghdr
+_NLA = struct.Struct("=HH")         # struct nlattr
+_U16 = struct.Struct("=H")
+_BE16 = struct.Struct(">H")
+_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
+_U64 = struct.Struct("=Q")
+_FLAGS = struct.Struct("=II")       # struct ip_vs_flags
+HEADER_SIZE = _HEADER.size + _GENL.size
+_MAX_ATTR = 32
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size & 3)
+
+
+def _addr(packed: bytes) -> bytes:
+    """union nf_inet_addr, as ipvsadm sends it."""
+    return packed.ljust(16, b"\0")
+
+
+def service_id(spec: ServiceSpec) -> bytes:
+    """The IPVS_CMD_ATTR_SERVICE nest that names a service (for delete and dest commands)."""
+    af = _attr(SVC_AF, _U16.pack(spec.family))
+    if spec.fwmark:
+        return _attr(CMD_ATTR_SERVICE, af + _attr(SVC_FWMARK, _U32.pack(spec.fwmark)))
+    return _attr(CMD_ATTR_SERVICE, af
+                 + _attr(SVC_PROTOCOL, _U16.pack(PROTOCOLS[spec.protocol]))
+                 + _attr(SVC_ADDR, _addr(spec.vip))
+                 + _attr(SVC_PORT, _BE16.pack(spec.port)))
+
+
+def service_full(spec: ServiceSpec) -> bytes:
+    """The nest that adds or edits a service; the kernel wants every option present."""
+    ident = service_id(spec)[4:]
+    options = (_attr(SVC_SCHED_NAME, spec.scheduler.encode() + b"\0")
+               + _attr(SVC_FLAGS, _FLAGS.pack(spec.flags, SVC_F_MANAGED))
+               + _attr(SVC_TIMEOUT, _U32.pack(spec.timeout))
+               + _attr(SVC_NETMASK, _U32.pack(spec.netmask)))
+    return _attr(CMD_ATTR_SERVICE, ident + options)
+
+
+def dest_id(dest: DestSpec) -> bytes:
+    return _attr(CMD_ATTR_DEST, _attr(DEST_ADDR, _addr(dest.address))
+                 + _attr(DEST_PORT, _BE16.pack(dest.port))
+                 + _attr(DEST_ADDR_FAMILY, _U16.pack(dest.family)))
+
+
+def dest_full(dest: DestSpec) -> bytes:
+    return _attr(CMD_ATTR_DEST, dest_id(dest)[4:]
+                 + _attr(DEST_FWD_METHOD, _U32.pack(dest.forwarding))
+                 + _attr(DEST_WEIGHT, _U32.pack(dest.weight))
+                 + _attr(DEST_U_THRESH, _U32.pack(dest.u_threshold))
+                 + _attr(DEST_L_THRESH, _U32.pack(dest.l_threshold)))
+
+
+def message(family_id: int, cmd: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:
+    return (_HEADER.pack(HEADER_SIZE + len(attrs), family_id, flags, seq, 0)
+            + _GENL.pack(cmd, messages.VERSION, 0) + attrs)
+
+
+def set_flags(msg: bytes, flags: int) -> bytes:
+    return msg[:4] + _U16.pack(flags) + msg[6:]
+
+
+def seq_of(msg: bytes) -> int:
+    return _U32.unpack_from(msg, 8)[0]
+
+
+def split(buf, length: int) -> Iterator[tuple[int, int, int, int]]:
+    """Netlink messages in a received datagram: (type, seq, payload offset, end)."""
+    off = 0
+    while off + _HEADER.size <= length:
+        size, kind, _, seq, _ = _HEADER.unpack_from(buf, off)
+        if size < _HEADER.size:
+            raise ValueError(f"netlink message of length {size}")
+        yield kind, seq, off + _HEADER.size, off + size
+        off += (size + 3) & ~3
+
+
+def error_code(buf, payload: int) -> int:
+    """errno of an NLMSG_ERROR payload; 0 is an acknowledgement."""
+    return -_I32.unpack_from(buf, payload)[0]
+
+
+def _attrs(buf, off: int, end: int) -> list[int]:
+    """Payload offset of each attribute type in [off, end); -1 where absent."""
+    where = [-1] * _MAX_ATTR
+    unpack = _NLA.unpack_from
+    while off + 4 <= end:
+        size, kind = unpack(buf, off)
+        if size < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind < _MAX_ATTR:
+            where[kind] = off + 4
+        off += (size + 3) & ~3
+    return where
+
+
+def _nest(buf, payload: int, end: int, kind: int) -> tuple[int, int]:
+    """The payload span of the top-level nest `kind` in a generic-netlink message."""
+    at = _attrs(buf, payload + _GENL.size, end)[kind]
+    if at < 0:
+        raise ValueError(f"IPVS message without attribute {kind}")
+    return at, at - 4 + _U16.unpack_from(buf, at - 4)[0]
+
+
+def _stats(buf, at: int, end_of: int, wide: bool) -> Stats:
+    where = _attrs(buf, at, end_of)
+    values = []
+    for index, kind in enumerate(STATS_ATTRS):
+        pos = where[kind]
+        if pos < 0:
+            values.append(0)
+        elif wide or index in (3, 4):  # inbytes, outbytes are 64-bit in both nests
+            values.append(_U64.unpack_from(buf, pos)[0])
+        else:
+            values.append(_U32.unpack_from(buf, pos)[0])
+    return Stats(*values)
+
+
+def _stats_of(buf, where: list[int], narrow: int, wide: int) -> Stats:
+    """STATS64 when the kernel sends it (Linux >= 4.1), else the 32-bit STATS."""
+    for kind, is_wide in ((wide, True), (narrow, False)):
+        at = where[kind]
+        if at >= 0:
+            return _stats(buf, at, at - 4 + _U16.unpack_from(buf, at - 4)[0], is_wide)
+    return Stats(*([0] * len(Stats._fields)))
+
+
+def parse_service(buf, payload: int, end: int, stats: bool = False) -> KernelService:
+    off, nest_end = _nest(buf, payload, end, CMD_ATTR_SERVICE)
+    a = _attrs(buf, off, nest_end)
+    af = _U16.unpack_from(buf, a[SVC_AF])[0]
+    width = 4 if af == AF_INET else 16
+    fwmark = _U32.unpack_from(buf, a[SVC_FWMARK])[0] if a[SVC_FWMARK] >= 0 else 0
+    if fwmark:
+        protocol, vip, port = "tcp", bytes(width), 0
+    else:
+        number = _U16.unpack_from(buf, a[SVC_PROTOCOL])[0]
+        protocol = PROTOCOL_NAMES.get(number, str(number))
+        vip = bytes(buf[a[SVC_ADDR]:a[SVC_ADDR] + width])
+        port = _BE16.unpack_from(buf, a[SVC_PORT])[0]
+    sched_at = a[SVC_SCHED_NAME]
+    scheduler = bytes(buf[sched_at:sched_at - 4 + _U16.unpack_from(buf, sched_at - 4)[0]]).rstrip(b"\0").decode()
+    spec = ServiceSpec(protocol, vip, port, scheduler,
+                       _U32.unpack_from(buf, a[SVC_FLAGS])[0] & SVC_F_MANAGED,
+                       _U32.unpack_from(buf, a[SVC_TIMEOUT])[0],
+                       _U32.unpack_from(buf, a[SVC_NETMASK])[0],
+                       fwmark)
+    return KernelService(spec, _stats_of(buf, a, SVC_STATS, SVC_STATS64) if stats else None)
+
+
+def parse_dest(buf, payload: int, end: int, service_family: int, stats: bool = False) -> KernelDest:
+    off, nest_end = _nest(buf, payload, end, CMD_ATTR_DEST)
+    a = _attrs(buf, off, nest_end)
+    af = _U16.unpack_from(buf, a[DEST_ADDR_FAMILY])[0] if a[DEST_ADDR_FAMILY] >= 0 else service_family
+    at = a[DEST_ADDR]
+    u32 = _U32.unpack_from
+    spec = DestSpec(bytes(buf[at:at + (4 if af == AF_INET else 16)]),
+                    _BE16.unpack_from(buf, a[DEST_PORT])[0],
+                    u32(buf, a[DEST_FWD_METHOD])[0] & CONN_F_FWD_MASK,
+                    u32(buf, a[DEST_WEIGHT])[0],
+                    u32(buf, a[DEST_U_THRESH])[0],
+                    u32(buf, a[DEST_L_THRESH])[0])
+    if not stats:
+        return KernelDest(spec)
+    return KernelDest(spec, u32(buf, a[DEST_ACTIVE_CONNS])[0], u32(buf, a[DEST_INACT_CONNS])[0],
+                      u32(buf, a[DEST_PERSIST_CONNS])[0], _stats_of(buf, a, DEST_STATS, DEST_STATS64))

@@ -1,0 +1,47 @@
+"""The difference between the desired IPVS state and the kernel's, as a list of writes.
+
+Pure: no sockets, no files. Only services that are desired or owned are looked at, so a
+service someone else created can never appear in a plan. Within a service, additions
+and edits come before deletions, so that a service whose backends are all replaced
+always has somewhere to send new connections; whole services are removed last.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+
+from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec
+
+
+def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
+         kernel: Mapping[tuple, ServiceSpec],
+         kernel_dests: Mapping[tuple, Iterable[DestSpec]],
+         owned: AbstractSet[tuple]) -> list[Op]:
+    """desired: every configured service with its destinations (weights already final);
+    kernel: every service in the kernel by key; kernel_dests: the destinations of the
+    desired services that exist in the kernel; owned: keys of services we may delete."""
+    ops: list[Op] = []
+    for service, dests in desired:
+        current = kernel.get(service.key)
+        if current is None:
+            ops.append(Op("add-service", service))
+            ops.extend(Op("add-dest", service, d) for d in dests)
+            continue
+        if current != service:
+            ops.append(Op("edit-service", service))
+        ops.extend(_dest_ops(service, dests, {d.key: d for d in kernel_dests.get(service.key, ())}))
+    wanted = {service.key for service, _ in desired}
+    ops.extend(Op("delete-service", spec) for key, spec in kernel.items() if key in owned and key not in wanted)
+    return ops
+
+
+def _dest_ops(service: ServiceSpec, dests: Sequence[DestSpec], current: dict[tuple, DestSpec]) -> list[Op]:
+    ops = []
+    for dest in dests:
+        have = current.pop(dest.key, None)
+        if have is None:
+            ops.append(Op("add-dest", service, dest))
+        elif have != dest:
+            ops.append(Op("edit-dest", service, dest))
+    ops.extend(Op("delete-dest", service, d) for d in current.values())
+    return ops

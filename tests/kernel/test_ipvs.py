@@ -1,0 +1,243 @@
+"""ipvslb.ipvs against the real kernel: `ipvsadm` and `ip` serve only as independent
+oracles (and to play the administrator who adds a service by hand)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipvslb.ipvs import IPVS, Manager, Op, ServiceSpec, sysctls
+from ipvslb.ipvs.specs import DestSpec, service_spec
+from ipvslb.model import Backend, Service, Settings
+from tests.kernel import ipvs_configs as cfg
+from tests.kernel.conftest import connect, ipvsadm, udp_ask
+from tests.kernel.topology import sh
+
+VIP_LINK = "ipvslbt0"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def listing() -> dict:
+    return cfg.parse_listing(ipvsadm("-Ln"))
+
+
+def vips_on_link() -> set[str]:
+    out = sh("ip", "-o", "addr", "show", "dev", VIP_LINK, check=False).stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines()}
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(vip_interface=VIP_LINK, state_dir=str(tmp_path / "state"))
+
+
+@pytest.fixture
+def manager(topo, settings):
+    sh("ip", "link", "del", VIP_LINK, check=False)
+    m = Manager(settings)
+    yield m
+    m.close()
+    sh("ip", "link", "del", VIP_LINK, check=False)
+
+
+def hand_add_service() -> None:
+    ipvsadm("-A", "-t", cfg.HAND_MADE, "-s", "lc")
+    ipvsadm("-a", "-t", cfg.HAND_MADE, "-r", "10.77.2.2:8080", "-m", "-w", "7")
+
+
+HAND_MADE_LISTING = ("lc", {"10.77.2.2:8080": ("Masq", 7)})
+
+
+def test_config_a_matches_ipvsadm_exactly(manager):
+    manager.apply(cfg.config_a())
+    assert listing() == cfg.LISTING_A
+    assert vips_on_link() == {"10.90.0.1", "10.90.0.2", "fd90::1", "10.90.0.4"}
+
+
+def test_config_b_matches_and_a_long_lived_stream_through_a_kept_backend_survives(manager):
+    manager.apply(cfg.config_a())
+    # wlc spreads two held connections over b1 and b2; b1 stays in B, b2 leaves.
+    streams = dict(connect(str(cfg.WEB), 80)[:2] for _ in range(2))
+    assert set(streams) == {"b1", "b2"}
+    kept = streams["b1"]
+    kept.sendall(b"before\n")
+    assert kept.recv(64) == b"before\n"
+
+    result = manager.apply(cfg.config_b())
+    assert listing() == cfg.LISTING_B
+    # web: scheduler, b1's weight, b3 in, b2 out; direct: two forwarding methods; web6 out; dns6 in
+    assert collections.Counter(op.kind for op in result.ops) == {
+        "edit-service": 1, "edit-dest": 3, "add-dest": 4, "delete-dest": 1, "delete-service": 1, "add-service": 1}
+
+    kept.sendall(b"after\n")
+    assert kept.recv(64) == b"after\n"
+    kept.close()
+    streams["b2"].close()
+    seen = {connect(str(cfg.WEB), 80)[0] for _ in range(8)}
+    assert seen == {"b1", "b3"}
+    assert vips_on_link() == {"10.90.0.1", "10.90.0.2", "10.90.0.4", "fd90::2"}
+
+
+def test_same_config_twice_makes_no_writes(manager):
+    first = manager.apply(cfg.config_a())
+    assert first.writes > 0
+    before = manager.writes
+    second = manager.apply(cfg.config_a())
+    assert (second.writes, second.ops, manager.writes - before) == (0, [], 0)
+    manager.apply(cfg.config_b())
+    assert manager.apply(cfg.config_b()).writes == 0
+
+
+def test_hand_added_service_survives_every_apply_and_restarts(manager, settings):
+    hand_add_service()
+    for config in (cfg.config_a, cfg.config_b, cfg.config_a):
+        manager.apply(config())
+        assert listing()[f"TCP {cfg.HAND_MADE}"] == HAND_MADE_LISTING
+    owned = json.loads((Path(settings.state_dir) / "owned.json").read_text())
+    assert ["tcp", "10.99.0.1", 80] not in owned["services"]
+
+    # A restart in this process: a new manager, ownership from owned.json.
+    manager.close()
+    restarted = Manager(settings)
+    restarted.apply(cfg.config_b())
+    assert listing() == {**cfg.LISTING_B, f"TCP {cfg.HAND_MADE}": HAND_MADE_LISTING}
+
+    # A restart as a new process, which then removes everything it owns.
+    code = ("import sys; from ipvslb.ipvs import Manager; from ipvslb.model import Settings; "
+            f"m = Manager(Settings(vip_interface={VIP_LINK!r}, state_dir=sys.argv[1])); "
+            "r = m.apply([]); print(len(r.ops))")
+    out = subprocess.run([sys.executable, "-c", code, settings.state_dir], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert int(out) == len(cfg.LISTING_B)
+    assert listing() == {f"TCP {cfg.HAND_MADE}": HAND_MADE_LISTING}
+    assert vips_on_link() == set()
+    restarted.close()
+
+
+def test_service_named_by_the_config_is_claimed_even_if_made_by_hand(manager):
+    ipvsadm("-A", "-t", "10.90.0.1:80", "-s", "lc")
+    ipvsadm("-a", "-t", "10.90.0.1:80", "-r", "10.77.3.2:8080", "-m")
+    manager.apply(cfg.config_a())
+    assert listing() == cfg.LISTING_A
+    manager.apply([])
+    assert listing() == {}
+
+
+def test_udp_over_ipv4_and_ipv6_reaches_every_backend(manager):
+    manager.apply(cfg.config_b())
+    for vip in (cfg.DNS, cfg.DNS6):
+        names = {udp_ask(str(vip), 53, f"q{i}".encode()) for i in range(6)}
+        assert names == {"b1", "b2", "b3"}, vip
+
+
+def test_tcp_over_ipv6_carries_traffic(manager):
+    web6 = Service("web6", "tcp", cfg.WEB6, 80, tuple(Backend(cfg.V6[i], 8080) for i in (1, 2, 3)), scheduler="rr")
+    manager.apply([web6])
+    seen = collections.Counter()
+    for _ in range(6):
+        name, sock, _ = connect(str(cfg.WEB6), 80)
+        sock.sendall(b"ping\n")
+        assert sock.recv(64) == b"ping\n"
+        sock.close()
+        seen[name] += 1
+    assert seen == {"b1": 2, "b2": 2, "b3": 2}
+
+
+def test_set_weight_is_kept_by_apply_until_raised_or_the_backend_leaves(manager):
+    config = cfg.config_a()
+    web = config[0]
+    b1 = web.backends[0]
+    manager.apply(config)
+    assert manager.set_weight(web.key, b1.key, 0) == 0
+    assert listing()["TCP 10.90.0.1:80"][1]["10.77.1.2:8080"] == ("Masq", 0)
+    assert manager.apply(config).writes == 0
+    assert listing()["TCP 10.90.0.1:80"][1]["10.77.1.2:8080"] == ("Masq", 0)
+    assert {connect(str(cfg.WEB), 80)[0] for _ in range(4)} == {"b2"}
+
+    assert manager.set_weight(web.key, b1.key, None) == 1
+    assert listing() == cfg.LISTING_A
+
+    manager.set_weight(web.key, b1.key, 0)
+    without_b1 = [dataclasses.replace(web, backends=web.backends[1:]), *config[1:]]
+    manager.apply(without_b1)
+    manager.apply(config)
+    assert listing()["TCP 10.90.0.1:80"][1]["10.77.1.2:8080"] == ("Masq", 1)
+    with pytest.raises(KeyError):
+        manager.set_weight(web.key, (cfg.V4[3], 8080), 0)
+
+
+def test_vip_interface_is_created_up_and_follows_the_services(manager):
+    assert sh("ip", "link", "show", VIP_LINK, check=False).returncode != 0
+    manager.apply(cfg.config_a()[:1])
+    link = sh("ip", "-d", "link", "show", VIP_LINK).stdout
+    assert "dummy" in link and ",UP" in link
+    assert vips_on_link() == {"10.90.0.1"}
+    manager.apply([])
+    assert vips_on_link() == set()
+
+
+def test_sysctls_are_set_by_kernel_version(manager):
+    release = os.uname().release
+    expected_reuse = 1 if sysctls.kernel_version(release) >= (5, 9) else 0
+    values = {name: int(Path("/proc/sys/net/ipv4/vs", name).read_text())
+              for name in ("conntrack", "expire_nodest_conn", "expire_quiescent_template", "conn_reuse_mode")}
+    assert values == {"conntrack": 1, "expire_nodest_conn": 1, "expire_quiescent_template": 1,
+                      "conn_reuse_mode": expected_reuse}
+
+
+def test_info_and_timeouts_agree_with_ipvsadm(topo):
+    with IPVS() as ipvs:
+        info = ipvs.info()
+        header = ipvsadm("-Ln").splitlines()[0]
+        assert header == f"IP Virtual Server version {'.'.join(map(str, info.version))} (size={info.conn_tab_size})"
+        saved = ipvs.timeouts()
+        try:
+            ipvs.set_timeouts(tcp=901, tcp_fin=121, udp=301)
+            assert ipvs.timeouts() == (901, 121, 301)
+            assert ipvsadm("-L", "--timeout").split(":")[1].split() == ["901", "121", "301"]
+        finally:
+            ipvs.set_timeouts(*saved)
+
+
+def test_dump_with_stats_counts_connections(manager):
+    manager.apply(cfg.config_a()[:1])
+    for _ in range(4):
+        connect(str(cfg.WEB), 80)[1].close()
+    with IPVS() as ipvs:
+        (svc,) = [s for s in ipvs.services(stats=True) if s.spec.key == ("tcp", cfg.WEB.packed, 80)]
+        assert svc.stats.conns == 4
+        dests = ipvs.dests(svc.spec, stats=True)
+    assert sorted(d.spec.weight for d in dests) == [1, 1]
+    assert sum(d.stats.conns for d in dests) == 4
+    assert all(d.stats.inpkts > 0 and d.stats.outbytes > 0 for d in dests)
+
+
+def test_adding_what_exists_and_deleting_what_is_gone_succeed(topo):
+    spec = ServiceSpec("tcp", ipaddress.ip_address("10.98.0.1").packed, 80, "rr", 0, 0, 0xFFFFFFFF)
+    dest = DestSpec(cfg.V4[1].packed, 8080, 0, 1)
+    with IPVS() as ipvs:
+        ops = [Op("add-service", spec), Op("add-dest", spec, dest)]
+        assert ipvs.execute(ops) == []
+        assert ipvs.execute(ops) == []   # EEXIST: already there
+        assert ipvs.execute([Op("delete-dest", spec, dest), Op("delete-dest", spec, dest)]) == []
+        assert ipvs.execute([Op("delete-service", spec), Op("delete-service", spec)]) == []
+        failures = ipvs.execute([Op("edit-service", spec)])
+        assert [f.errno for f in failures] == [errno.ESRCH]
+        assert ipvs.writes == 9
+
+
+def test_every_service_option_round_trips_through_the_kernel(topo):
+    services = [*cfg.config_a(), cfg.config_b()[-1]]
+    with IPVS() as ipvs:
+        specs = {service_spec(s) for s in services}
+        for spec in specs:
+            ipvs.add_service(spec)
+        assert {s.spec for s in ipvs.services()} == specs
