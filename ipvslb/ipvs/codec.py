@@ -113,7 +113,7 @@ def message(family_id: int, cmd: int, flags: int, seq: int, attrs: bytes = b"") 
 
 
 def set_flags(msg: bytes, flags: int) -> bytes:
-    return msg[:4] + _U16.pack(flags) + msg[6:]
+    return msg[:6] + _U16.pack(flags) + msg[8:]  # nlmsghdr: len u32, type u16, flags u16
 
 
 def seq_of(msg: bytes) -> int:
