@@ -103,10 +103,10 @@ struct record {
 BPF_HASH(vips, struct vip_key, u8, 4096);
 BPF_TABLE("lru_hash", u64, struct conn, conns, CAPACITY);
 BPF_TABLE("lru_hash", struct tuple, u64, socks, CAPACITY);
+// The client port is not assigned yet when a socket enters SYN_SENT; the kprobe, which runs
+// in the same thread while the first SYN goes out, completes the tuple through this map.
+BPF_TABLE("lru_hash", u64, u64, connecting, 4096);
 BPF_PERCPU_ARRAY(lost, u64, 1);
-// options[0] = 1: the kprobe is not attached, so CONNECT is emitted at SYN_SENT (without
-// backend) instead of from the kprobe (with it). One record per connect either way.
-BPF_ARRAY(options, u32, 1);
 BPF_PERCPU_ARRAY(scratch, struct record, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
@@ -143,6 +143,14 @@ static __always_inline struct record *new_record(u8 kind, u64 sock, struct conn 
     return r;
 }
 
+static __always_inline int same_addr(const u8 *a, const u8 *b) {
+    u8 diff = 0;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        diff |= a[i] ^ b[i];
+    return diff == 0;
+}
+
 static __always_inline void forget(u64 sock, struct conn *c) {
     socks.delete(&c->tuple);
     conns.delete(&sock);
@@ -175,19 +183,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         c.tuple.protocol = PROTO_TCP;
         c.tuple.family = args->family;
         conns.update(&sock, &c);
-        socks.update(&c.tuple, &sock);
-        int zero = 0;
-        u32 *connect_at_syn_sent = options.lookup(&zero);
-        if (connect_at_syn_sent && *connect_at_syn_sent) {
-            struct record *r = new_record(CONNECT, sock, &c);
-            if (r)
-                emit(r);
-        }
+        u64 tid = bpf_get_current_pid_tgid();
+        connecting.update(&tid, &sock);
         return 0;
     }
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;
+    c->tuple.cport = args->sport;
     struct record *r;
     if (args->newstate == TCP_ESTABLISHED && !c->established) {
         c->established = 1;
@@ -215,6 +218,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
+    c->tuple.cport = args->sport;
     c->retransmits++;
     struct record *r = new_record(SYN_RETRANSMIT, sock, c);
     if (r) {
@@ -229,6 +233,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
+    c->tuple.cport = args->sport;
     c->reset = 1;
     struct record *r = new_record(RESET, sock, c);
     if (r) {
@@ -275,13 +280,31 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     b.port = bpf_ntohs(dport);
     b.family = dest_af;
 
-    u64 zero_sock = 0;
-    u64 *sock = socks.lookup(&t);
-    struct conn *c = sock ? conns.lookup(sock) : 0;
+    u64 zero_sock = 0, sock = 0;
+    struct conn *c = 0;
+    u64 *known = socks.lookup(&t);  // a SYN retransmit that IPVS rescheduled
+    if (known) {
+        sock = *known;
+        c = conns.lookup(&sock);
+    } else {
+        u64 tid = bpf_get_current_pid_tgid();
+        u64 *started = connecting.lookup(&tid);
+        if (started) {
+            sock = *started;
+            connecting.delete(&tid);
+            c = conns.lookup(&sock);
+            if (c && (c->tuple.vport != t.vport || !same_addr(c->tuple.vaddr, t.vaddr)))
+                c = 0;
+            if (c) {
+                c->tuple.cport = t.cport;
+                socks.update(&c->tuple, &sock);
+            }
+        }
+    }
     struct record *r;
     if (c) {
         c->backend = b;
-        r = new_record(CONNECT, *sock, c);
+        r = new_record(CONNECT, sock, c);
         if (r)
             r->connect_ns = r->ts - c->start_ns;
     } else {

@@ -38,7 +38,11 @@ def source_path() -> Path:
 
 class Tracer:
     """One loaded BPF program. `attribution` is "kprobe" when IPVS's own choice of backend is
-    traced, "conntable" when the kprobe could not attach and /proc/net/ip_vs_conn is read."""
+    traced, "conntable" when the kprobe could not attach and /proc/net/ip_vs_conn is read.
+
+    Without the kprobe there is no CONNECT record (the client port is only known once the
+    SYN is out), so the adaptive connect deadline has nothing to time; SYN retransmits,
+    resets, establishment and closes are still reported and attributed."""
 
     def __init__(self, settings: TracerSettings = TracerSettings(), use_kprobe: bool = True):
         try:
@@ -50,7 +54,8 @@ class Tracer:
             raise TracerUnavailable(
                 f"kernel headers for {release} are missing: install linux-headers-{release}")
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
-        cflags = [f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
+        # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
+        cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
         started = time.monotonic()
         try:
             self.bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags)
@@ -72,19 +77,13 @@ class Tracer:
         except Exception:  # kprobes disabled, or the symbol is missing/inlined
             self.use_conntable()
             return
-        self._set_connect_at_syn_sent(False)
         self.attribution = "kprobe"
 
     def use_conntable(self) -> None:
         """Attribute backends from the IPVS connection table instead of the kprobe."""
         if self.attribution == "kprobe":
             self.bpf.detach_kprobe(event=KPROBE)
-        self._set_connect_at_syn_sent(True)
         self.attribution = "conntable"
-
-    def _set_connect_at_syn_sent(self, enabled: bool) -> None:
-        options = self.bpf["options"]
-        options[options.Key(0)] = options.Leaf(int(enabled))
 
     def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
         """Trace exactly these (protocol, address, port) services from now on."""
