@@ -26,6 +26,9 @@ BUFFER_BYTES = 4 << 20
 BATCH_MESSAGES = 256
 BATCH_BYTES = 64 << 10
 RECV_BYTES = 256 << 10
+# The kernel answers within the send call; silence this long means something is broken,
+# and a daemon must not hang on it.
+REPLY_TIMEOUT = 30.0
 
 _COMMANDS = {
     "add-service": messages.CMD_NEW_SERVICE,
@@ -98,6 +101,7 @@ def _open_socket() -> socket.socket:
     except OSError:
         pass  # before Linux 4.3: failures echo the request, which is only larger
     sock.bind((0, 0))
+    sock.settimeout(REPLY_TIMEOUT)
     return sock
 
 
@@ -224,6 +228,8 @@ class IPVS:
     def _receive(self) -> list[tuple[int, int, int, int]]:
         try:
             length = self._sock.recv_into(self._buf)
+        except TimeoutError as err:
+            raise IPVSError(errno.ETIMEDOUT, f"no IPVS reply in {REPLY_TIMEOUT:.0f} s") from err
         except OSError as err:
             if err.errno == errno.ENOBUFS:
                 raise IPVSError(err.errno, "IPVS replies were lost (receive buffer overrun); "
@@ -269,5 +275,5 @@ class IPVS:
                     if code:
                         raise IPVSError(code, f"IPVS command {cmd} failed: {errno.errorcode.get(code, code)}")
                     return reply
-                reply = reply_class(bytes(self._buf[payload - 16:end]))
+                reply = reply_class(bytes(self._buf[payload - codec.NLMSG_HEADER_SIZE:end]))
                 reply.decode()

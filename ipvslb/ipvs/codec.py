@@ -58,6 +58,7 @@ _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _U64 = struct.Struct("=Q")
 _FLAGS = struct.Struct("=II")       # struct ip_vs_flags
+NLMSG_HEADER_SIZE = _HEADER.size
 HEADER_SIZE = _HEADER.size + _GENL.size
 _MAX_ATTR = 32
 

@@ -3,13 +3,15 @@
 `apply` reads the kernel (one dump of all services, one destination dump per configured
 service that exists), plans the difference and writes only that: never a flush, nothing
 for an unchanged state, nothing at all for a service we do not own. `set_weight` is the
-health layer's handle; a weight it lowered stays lowered across applies until it raises
-it back (or the backend leaves the configuration). Not thread-safe: the daemon calls both
+health layer's handle (`hold_weight` the same without a write, for the next apply); a
+weight it lowered stays lowered across applies until it raises it back (or the backend
+leaves the configuration). Not thread-safe: the daemon calls both
 from its one loop.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from ipvslb import model
@@ -37,14 +39,15 @@ class ApplyError(RuntimeError):
 
 
 class Manager:
-    def __init__(self, settings: model.Settings, ipvs: IPVS | None = None, vips: VipInterface | None = None):
+    def __init__(self, settings: model.Settings, ipvs: IPVS | None = None, vips: VipInterface | None = None,
+                 sysctl_root: Path = sysctls.PROC):
         self.ipvs = IPVS() if ipvs is None else ipvs
         if settings.manage_vips:
             self.vips = VipInterface(settings.vip_interface) if vips is None else vips
         else:
             self.vips = None
         self.ownership = Ownership(settings.state_dir)
-        sysctls.apply(settings.sysctls)
+        sysctls.apply(settings.sysctls, sysctl_root)
         self._services: dict[ServiceKey, model.Service] = {}
         self._overrides: dict[tuple[ServiceKey, BackendKey], int] = {}
 
@@ -92,35 +95,35 @@ class Manager:
                 self.vips.remove(vip)
         self.ownership.record(wanted | {spec.key for spec in kept}, vips_kept)
 
-        self._services = {s.key: s for s in services}
-        self._overrides = {k: w for k, w in self._overrides.items()
-                           if k[0] in by_key and any(b.key == k[1] for b in by_key[k[0]].backends)}
+        self._services = by_key
+        # Forget weights of backends that left the configuration, and those that merely
+        # repeat the configured weight (they would hold back a later increase).
+        configured = {(s.key, b.key): b.weight for s in services for b in s.backends}
+        self._overrides = {k: w for k, w in self._overrides.items() if w < configured.get(k, -1)}
         result = ApplyResult(ops, self.writes - writes_before, failures)
         if failures:
             raise ApplyError(result)
         return result
 
+    def hold_weight(self, service: ServiceKey, backend: BackendKey, weight: int | None) -> None:
+        """Remember the weight the health layer wants without writing it: the next apply
+        writes it (or nothing, if the kernel has it already). A weight at or above the
+        configured one, or None, gives the backend back to the configuration."""
+        if weight is None:
+            self._overrides.pop((service, backend), None)
+        else:
+            self._overrides[(service, backend)] = weight
+
     def set_weight(self, service: ServiceKey, backend: BackendKey, weight: int | None) -> int:
-        """Set a backend's weight now (one write). A weight below the configured one is
-        kept by later applies; the configured weight or more (or None) gives the backend
-        back to the configuration. Returns the weight now in IPVS."""
+        """hold_weight, and write the resulting weight now (one write). Returns it."""
         svc = self._services[service]
         configured = next((b for b in svc.backends if b.key == backend), None)
         if configured is None:
             raise KeyError(backend)
-        if weight is None or weight >= configured.weight:
-            self._overrides.pop((service, backend), None)
-            effective = configured.weight
-        else:
-            self._overrides[(service, backend)] = effective = weight
+        self.hold_weight(service, backend, None if weight is None or weight >= configured.weight else weight)
+        effective = self._weight(svc, configured)
         self.ipvs.apply_one(Op("edit-dest", service_spec(svc), dest_spec(svc, configured, effective)))
         return effective
-
-    def hold_weight(self, service: ServiceKey, backend: BackendKey, weight: int) -> None:
-        """Make the next `apply` use this weight (no write now). The daemon calls it at start
-        and on reload with the weights health wants, so that a restart finds the kernel
-        already right and writes nothing, instead of restoring quarantined backends."""
-        self._overrides[(service, backend)] = weight
 
     def _weight(self, service: model.Service, backend: model.Backend) -> int:
         override = self._overrides.get((service.key, backend.key))

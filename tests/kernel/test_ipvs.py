@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def listing() -> dict:
 
 
 def vips_on_link() -> set[str]:
-    out = sh("ip", "-o", "addr", "show", "dev", VIP_LINK, check=False).stdout
+    # The kernel gives the dummy an IPv6 link-local address of its own: not a VIP.
+    out = sh("ip", "-o", "addr", "show", "dev", VIP_LINK, "scope", "global", check=False).stdout
     return {line.split()[3].split("/")[0] for line in out.splitlines()}
 
 
@@ -174,6 +176,19 @@ def test_set_weight_is_kept_by_apply_until_raised_or_the_backend_leaves(manager)
         manager.set_weight(web.key, (cfg.V4[3], 8080), 0)
 
 
+def test_held_weight_is_written_by_the_next_apply(manager):
+    """A restarted daemon holds the weights health wants before its first apply."""
+    config = cfg.config_a()
+    web = config[0]
+    manager.hold_weight(web.key, web.backends[1].key, 0)
+    manager.hold_weight(web.key, web.backends[0].key, 1)  # the configured weight: no override
+    manager.apply(config)
+    assert listing()["TCP 10.90.0.1:80"][1] == {"10.77.1.2:8080": ("Masq", 1), "10.77.2.2:8080": ("Masq", 0)}
+    manager.hold_weight(web.key, web.backends[1].key, None)
+    assert manager.apply(config).writes == 1
+    assert listing() == cfg.LISTING_A
+
+
 def test_vip_interface_is_created_up_and_follows_the_services(manager):
     assert sh("ip", "link", "show", VIP_LINK, check=False).returncode != 0
     manager.apply(cfg.config_a()[:1])
@@ -212,7 +227,13 @@ def test_dump_with_stats_counts_connections(manager):
     for _ in range(4):
         connect(str(cfg.WEB), 80)[1].close()
     with IPVS() as ipvs:
-        (svc,) = [s for s in ipvs.services(stats=True) if s.spec.key == ("tcp", cfg.WEB.packed, 80)]
+        # The kernel folds its per-CPU counters into what it reports every 2 s.
+        deadline = time.monotonic() + 6
+        while True:
+            (svc,) = [s for s in ipvs.services(stats=True) if s.spec.key == ("tcp", cfg.WEB.packed, 80)]
+            if svc.stats.conns == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert svc.stats.conns == 4
         dests = ipvs.dests(svc.spec, stats=True)
     assert sorted(d.spec.weight for d in dests) == [1, 1]
