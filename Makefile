@@ -32,6 +32,11 @@ test-unit: venv
 test-kernel: venv kernels
 	$(PY) testbed/run_vm.py --kernels "$(KERNELS)"
 
+# The main job: a live failover demo in a VM on Debian's 6.12 kernel.
+demo: venv
+	$(PY) testbed/kernels.py fetch 6.12
+	$(PY) -m ipvslb demo --kernel 6.12
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 
@@ -60,3 +65,27 @@ packages: apt-repo rpm-repo
 # (about 10 minutes under TCG; not part of `make check`).
 test-package: apt-repo venv
 	./packaging/vm-install-test --kernel 6.1
+
+# --- Ansible role and Molecule (issue 7). The tools live in their own venv
+# (.cache/ansible-venv, pinned in molecule/requirements.txt), not in .venv: .venv is built
+# on the distro's Python packages for the daemon's tests. README.md#fleet-ansible explains.
+.PHONY: ansible-venv lint-ansible test-molecule
+ANSIBLE_VENV ?= .cache/ansible-venv
+ANSIBLE_BIN := $(abspath $(ANSIBLE_VENV))/bin
+MOLECULE_SCENARIOS ?= kernel-6.1 kernel-6.12
+
+$(ANSIBLE_VENV)/.done: molecule/requirements.txt
+	$(PYTHON_SYSTEM) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_BIN)/pip install -q --upgrade pip
+	$(ANSIBLE_BIN)/pip install -q -r molecule/requirements.txt
+	touch $@
+
+ansible-venv: $(ANSIBLE_VENV)/.done
+
+lint-ansible: ansible-venv
+	PATH=$(ANSIBLE_BIN):$$PATH ansible-lint --profile production ansible/roles/ipvslb site.yml inventories molecule
+
+# One VM at a time, one scenario after the other (about 25 minutes per kernel under TCG);
+# not part of `make check`. `make test-molecule MOLECULE_SCENARIOS=kernel-6.1` for one.
+test-molecule: ansible-venv venv apt-repo
+	for s in $(MOLECULE_SCENARIOS); do PATH=$(ANSIBLE_BIN):$$PATH molecule test -s $$s || exit 1; done
