@@ -9,6 +9,7 @@ checks both directions against pyroute2's reading of the same schema.
 """
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -60,7 +61,7 @@ _U64 = struct.Struct("=Q")
 _FLAGS = struct.Struct("=II")       # struct ip_vs_flags
 NLMSG_HEADER_SIZE = _HEADER.size
 HEADER_SIZE = _HEADER.size + _GENL.size
-_MAX_ATTR = 32
+_MAX_ATTR = 16  # above every service, destination and stats attribute
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -68,20 +69,22 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _NLA.pack(size, kind) + payload + b"\0" * (-size & 3)
 
 
-def _addr(packed: bytes) -> bytes:
-    """union nf_inet_addr, as ipvsadm sends it."""
-    return packed.ljust(16, b"\0")
+# The nests written by the thousand, each packed in one call. `16s` zero-fills an IPv4
+# address to union nf_inet_addr, as ipvsadm sends it; ports go in network order (htons
+# into a native field); u16 attributes are padded to 4 bytes.
+_SERVICE_ID = struct.Struct("=HH" "HHH2x" "HHH2x" "HH16s" "HHH2x")
+_DEST_ID = struct.Struct("=HH" "HH16s" "HHH2x" "HHH2x")
+_DEST_FULL = struct.Struct(_DEST_ID.format + "HHI" * 4)
 
 
 def service_id(spec: ServiceSpec) -> bytes:
     """The IPVS_CMD_ATTR_SERVICE nest that names a service (for delete and dest commands)."""
-    af = _attr(SVC_AF, _U16.pack(spec.family))
     if spec.fwmark:
-        return _attr(CMD_ATTR_SERVICE, af + _attr(SVC_FWMARK, _U32.pack(spec.fwmark)))
-    return _attr(CMD_ATTR_SERVICE, af
-                 + _attr(SVC_PROTOCOL, _U16.pack(PROTOCOLS[spec.protocol]))
-                 + _attr(SVC_ADDR, _addr(spec.vip))
-                 + _attr(SVC_PORT, _BE16.pack(spec.port)))
+        return _attr(CMD_ATTR_SERVICE, _attr(SVC_AF, _U16.pack(spec.family))
+                     + _attr(SVC_FWMARK, _U32.pack(spec.fwmark)))
+    return _SERVICE_ID.pack(_SERVICE_ID.size, CMD_ATTR_SERVICE, 6, SVC_AF, spec.family,
+                            6, SVC_PROTOCOL, PROTOCOLS[spec.protocol], 20, SVC_ADDR, spec.vip,
+                            6, SVC_PORT, socket.htons(spec.port))
 
 
 def service_full(spec: ServiceSpec) -> bytes:
@@ -95,17 +98,15 @@ def service_full(spec: ServiceSpec) -> bytes:
 
 
 def dest_id(dest: DestSpec) -> bytes:
-    return _attr(CMD_ATTR_DEST, _attr(DEST_ADDR, _addr(dest.address))
-                 + _attr(DEST_PORT, _BE16.pack(dest.port))
-                 + _attr(DEST_ADDR_FAMILY, _U16.pack(dest.family)))
+    return _DEST_ID.pack(_DEST_ID.size, CMD_ATTR_DEST, 20, DEST_ADDR, dest.address,
+                         6, DEST_PORT, socket.htons(dest.port), 6, DEST_ADDR_FAMILY, dest.family)
 
 
 def dest_full(dest: DestSpec) -> bytes:
-    return _attr(CMD_ATTR_DEST, dest_id(dest)[4:]
-                 + _attr(DEST_FWD_METHOD, _U32.pack(dest.forwarding))
-                 + _attr(DEST_WEIGHT, _U32.pack(dest.weight))
-                 + _attr(DEST_U_THRESH, _U32.pack(dest.u_threshold))
-                 + _attr(DEST_L_THRESH, _U32.pack(dest.l_threshold)))
+    return _DEST_FULL.pack(_DEST_FULL.size, CMD_ATTR_DEST, 20, DEST_ADDR, dest.address,
+                           6, DEST_PORT, socket.htons(dest.port), 6, DEST_ADDR_FAMILY, dest.family,
+                           8, DEST_FWD_METHOD, dest.forwarding, 8, DEST_WEIGHT, dest.weight,
+                           8, DEST_U_THRESH, dest.u_threshold, 8, DEST_L_THRESH, dest.l_threshold)
 
 
 def message(family_id: int, cmd: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:
@@ -154,10 +155,13 @@ def _attrs(buf, off: int, end: int) -> list[int]:
 
 def _nest(buf, payload: int, end: int, kind: int) -> tuple[int, int]:
     """The payload span of the top-level nest `kind` in a generic-netlink message."""
-    at = _attrs(buf, payload + _GENL.size, end)[kind]
-    if at < 0:
-        raise ValueError(f"IPVS message without attribute {kind}")
-    return at, at - 4 + _U16.unpack_from(buf, at - 4)[0]
+    off = payload + _GENL.size
+    while off + 4 <= end:
+        size, found = _NLA.unpack_from(buf, off)
+        if found & NLA_TYPE_MASK == kind:
+            return off + 4, off + size
+        off += (size + 3) & ~3
+    raise ValueError(f"IPVS message without attribute {kind}")
 
 
 def _stats(buf, at: int, end_of: int, wide: bool) -> Stats:

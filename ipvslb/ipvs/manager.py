@@ -98,8 +98,9 @@ class Manager:
         self._services = by_key
         # Forget weights of backends that left the configuration, and those that merely
         # repeat the configured weight (they would hold back a later increase).
-        configured = {(s.key, b.key): b.weight for s in services for b in s.backends}
-        self._overrides = {k: w for k, w in self._overrides.items() if w < configured.get(k, -1)}
+        if self._overrides:
+            configured = {(s.key, b.key): b.weight for s in services for b in s.backends}
+            self._overrides = {k: w for k, w in self._overrides.items() if w < configured.get(k, -1)}
         result = ApplyResult(ops, self.writes - writes_before, failures)
         if failures:
             raise ApplyError(result)
@@ -126,5 +127,7 @@ class Manager:
         return effective
 
     def _weight(self, service: model.Service, backend: model.Backend) -> int:
+        if not self._overrides:  # the common case; keys of addresses are slow to hash
+            return backend.weight
         override = self._overrides.get((service.key, backend.key))
         return backend.weight if override is None else min(backend.weight, override)
