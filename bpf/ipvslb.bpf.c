@@ -76,9 +76,13 @@ struct conn {
     u64 start_ns;
     struct tuple tuple;
     struct backend backend;
-    u16 retransmits;
+    u32 retransmits;
     u8 reset;
     u8 established;
+    // IPVS moved this connect to another backend (expire_nodest_conn) while resending its
+    // SYN: that resend is the new backend's first SYN, not a retransmit against it.
+    u8 rescheduled;
+    u8 pad;
 };
 
 // Fixed layout decoded by ipvslb/tracer.py (struct format "<QQQ16s16s16sHHHHBBBBI").
@@ -219,6 +223,10 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     if (!c || c->established)
         return 0;
     c->tuple.cport = args->sport;
+    if (c->rescheduled) {
+        c->rescheduled = 0;
+        return 0;
+    }
     c->retransmits++;
     struct record *r = new_record(SYN_RETRANSMIT, sock, c);
     if (r) {
@@ -286,6 +294,10 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     if (known) {
         sock = *known;
         c = conns.lookup(&sock);
+        if (c) {
+            c->retransmits = 0;
+            c->rescheduled = 1;
+        }
     } else {
         u64 tid = bpf_get_current_pid_tgid();
         u64 *started = connecting.lookup(&tid);

@@ -25,6 +25,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 VIP, PORT = "10.90.0.1", 80
 RATE = 50
 CONNECT_TIMEOUT = 3.0
+SOCKET = "/run/ipvslb-demo.sock"  # not in workdir: that may be a 9p share, where sockets cannot live
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _config(workdir: Path, backends) -> Path:
     lines = [
         "settings:",
         f"  state_dir: {workdir}/state",
-        f"  status_socket: {workdir}/status.sock",
+        f"  status_socket: {SOCKET}",
         "  metrics_address: 127.0.0.1:9742",
         "services:",
         "  - name: demo",
@@ -124,8 +125,11 @@ def _config(workdir: Path, backends) -> Path:
         f"    vip: {VIP}",
         f"    port: {PORT}",
         "    scheduler: rr",
+        # Two faults at once among three backends: the default guard (at most floor(3/2) = 1
+        # out) would keep the second one in rotation, as designed. The demo allows both.
+        "    health: {max_quarantined: 2}",
         "    backends:",
-        *[f"      - {{address: {b.v4}, port: {b.port}}}" for b in backends],
+        *[f"      - {{address: {b.v4}, port: {b.port}, weight: 10}}" for b in backends],
     ]
     path = workdir / "config.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -148,18 +152,19 @@ def run_here(fault_seconds: float = 10.0) -> int:
         return 1
     for module in ("ip_vs", "ip_vs_rr"):
         topology.sh("modprobe", module)
-    workdir = Path(tempfile.mkdtemp(prefix="ipvslb-demo-"))
+    # In the VM runner's results directory when there is one, so the host keeps the daemon log.
+    workdir = Path(tempfile.mkdtemp(prefix="ipvslb-demo-", dir=os.environ.get("IPVSLB_RESULTS")))
     topo = topology.build(3, prefix="demo")
     b1, b2, b3 = topo.backends
     config = _config(workdir, topo.backends)
     log = (workdir / "daemon.log").open("w")
     daemon = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(config)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=CHECKOUT)
-    watch = WeightWatch(str(workdir / "status.sock"))
+    watch = WeightWatch(SOCKET)
     client = ClientLoop()
     try:
         deadline = time.monotonic() + 180
-        while not (workdir / "status.sock").exists():
+        while not Path(SOCKET).exists():
             if daemon.poll() is not None or time.monotonic() > deadline:
                 print((workdir / "daemon.log").read_text())
                 print("the daemon did not start", file=sys.stderr)
