@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ipvslb.ipvs import codec, messages
-from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, ServiceSpec
+from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, ServiceSpec, ip
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
@@ -57,7 +57,10 @@ class Failure(NamedTuple):
     errno: int
 
     def __str__(self) -> str:
-        target = self.op.service.key if self.op.dest is None else (self.op.service.key, self.op.dest.key)
+        svc = self.op.service
+        target = f"{svc.protocol} {ip(svc.vip)}:{svc.port}" if not svc.fwmark else f"fwmark {svc.fwmark}"
+        if self.op.dest is not None:
+            target += f" -> {ip(self.op.dest.address)}:{self.op.dest.port}"
         return f"{self.op.kind} {target}: {errno.errorcode.get(self.errno, self.errno)}"
 
 

@@ -150,7 +150,7 @@ def test_failed_writes_raise_after_the_rest_is_done_and_keep_ownership(world):
     with pytest.raises(ApplyError) as err:
         m.apply([WEB])
     assert [f.op.kind for f in err.value.result.failures] == ["delete-service"]
-    assert "1 of 1 IPVS changes failed: delete-service ('udp'" in str(err.value)
+    assert "1 of 1 IPVS changes failed: delete-service udp 10.90.0.2:53: EBUSY" in str(err.value)
     assert ip("10.90.0.2").packed in vips.addresses_now
     kernel._change = original
     assert [op.kind for op in m.apply([WEB]).ops] == ["delete-service"]
