@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,8 +149,16 @@ def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ram
     first_refused = min(a.started for a in client.attempts if not a.ok and a.started >= fault)
     out_at = first_weight(row, lambda w: w == 0, fault)
     latency = out_at - first_refused
-    print(f"refused: weight 0 {latency * 1000:.1f} ms after the first refused connect started")
-    assert latency < 0.020 + 0.005  # loopback-veth RTT is well under 5 ms here
+    # One RTT as a client sees it on this machine (under emulation a Python connect to a
+    # refusing backend takes milliseconds, not the wire's microseconds): the median of five.
+    rtts = []
+    for _ in range(5):
+        started = time.monotonic()
+        socket.socket().connect_ex((str(b.v4), b.port))
+        rtts.append(time.monotonic() - started)
+    rtt = sorted(rtts)[2]
+    print(f"refused: weight 0 {latency * 1000:.1f} ms after the first refused connect started (RTT {rtt * 1000:.1f} ms)")
+    assert latency < rtt + 0.020
 
     restored = time.monotonic()
     b.set_mode("accept")
