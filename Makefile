@@ -3,7 +3,7 @@
 PYTHON_SYSTEM ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-KERNELS ?= 6.1 6.12 newest
+KERNELS ?= 6.1 6.12
 
 .PHONY: check setup venv kernels test test-unit test-kernel demo smoke-demo clean
 
