@@ -50,12 +50,15 @@ def main() -> None:
         for key, _ in sel.select():
             sock, kind = key.fileobj, key.data
             if kind == "udp":
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(name + b" " + data, peer)
+                try:
+                    data, peer = sock.recvfrom(65535)
+                    sock.sendto(name + b" " + data, peer)
+                except OSError:  # an ICMP error queued on the socket; keep serving
+                    continue
             elif kind == "listen":
                 try:
                     conn, _ = sock.accept()
-                except BlockingIOError:
+                except OSError:  # nothing pending, or the client already gave up (ECONNABORTED)
                     continue
                 conn.setblocking(False)
                 try:
