@@ -28,10 +28,22 @@ release=$(uname -r)
 pass "$release, headers at $(readlink -f /lib/modules/$release/build)"
 
 step guest-quirks
-# The guest's root is a host directory exported over virtio-fs, where only root can create
-# files: apt's download and signature-check helpers run as _apt and would fail. Real hosts
-# do not need this.
-echo 'APT::Sandbox::User "root";' > /etc/apt/apt.conf.d/00pkgtest-virtiofs
+# Test-bed settings, not needed on real hosts. The guest's root is a host directory exported
+# over 9p, and virtme-ng overlays /tmp: apt's helpers, which run as _apt, cannot create
+# files there.
+echo 'APT::Sandbox::User "root";' > /etc/apt/apt.conf.d/00pkgtest-9p
+# Every file operation on that export is a round trip to the host; dpkg's fsyncs add to it.
+echo force-unsafe-io > /etc/dpkg/dpkg.cfg.d/00pkgtest-unsafe-io
+# The Debian indexes and the .debs of ipvslb's dependencies were downloaded by the host
+# when it built this root (packaging/vm-install-test); virtme-ng hides /var/cache and
+# /var/lib/apt behind fresh tmpfs mounts, so they wait in /opt/pkgtest. apt still updates
+# the indexes from deb.debian.org and verifies every cached .deb against them.
+if [ -d /opt/pkgtest ]; then
+  mkdir -p /var/cache/apt/archives/partial /var/lib/apt/lists/partial
+  cp /opt/pkgtest/archives/*.deb /var/cache/apt/archives/
+  cp /opt/pkgtest/lists/*_* /var/lib/apt/lists/
+  echo "$(ls /var/cache/apt/archives/*.deb | wc -l) .debs, $(ls /var/lib/apt/lists/*_* | wc -l) index files from the host"
+fi
 pass
 
 step add-repository
