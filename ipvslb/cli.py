@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ipvslb import daemon
+    from ipvslb import daemon, preflight
 
+    problems = preflight.problems()
+    if problems:
+        # One line, the most basic problem: fixing it may change or clear the others.
+        print(f"ipvslb: cannot start: {problems[0]}", file=sys.stderr, flush=True)
+        return 1
     return daemon.main(args.config)
 
 
