@@ -202,6 +202,12 @@ echo "$line"
 echo "$line" | grep -q "linux-headers-$release" || fail "no line naming linux-headers-$release"
 systemctl stop ipvslb || true
 systemctl reset-failed ipvslb || true
+# No bpf() (a sandbox that filters it): refused before any compile, one line naming it.
+out=$(systemd-run --quiet --wait --pipe -p SystemCallFilter=~bpf -p SystemCallErrorNumber=EPERM \
+  /usr/bin/ipvslb run --config /etc/ipvslb/config.yaml 2>&1) && fail "started without bpf()"
+echo "$out"
+[ "$(echo "$out" | wc -l)" = 1 ] || fail "more than one line without bpf()"
+echo "$out" | grep -q "cannot start: BPF is not permitted" || fail "no line naming BPF"
 pass
 
 step purge
