@@ -244,6 +244,11 @@ def _duration() -> _Field:
     return dataclasses.replace(field, expected=f"{field.expected} (seconds)")
 
 
+def _verify_interval() -> _Field:
+    field = _number(at_least=1, at_most=MAX_DURATION)
+    return dataclasses.replace(field, expected=f"{field.expected} (seconds)")
+
+
 def _fraction() -> _Field:
     return _number(above=0, at_most=1)
 
@@ -464,6 +469,9 @@ _SETTINGS = {
     "status_socket": _absolute_path(max_bytes=107),
     "metrics_address": _metrics_address(),
     "log_level": _choice(LOG_LEVELS),
+    # At least a second: the daemon reads all of IPVS back this often, which takes
+    # about as long as `ipvsadm -Sn` listing the same table.
+    "ipvs_verify_interval": _verify_interval(),
     "sysctls": _section(model.Sysctls, _SYSCTLS),
     "tracer": _section(model.TracerSettings, _TRACER),
 }

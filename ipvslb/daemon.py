@@ -92,19 +92,34 @@ class Daemon:
         for backend, weight in self.health[svc.key].weights().items():
             self.manager.hold_weight(svc.key, backend, weight)
 
-    def _apply(self) -> None:
+    def _apply(self, routine: bool = False) -> None:
+        """Read IPVS back in full and make it match the configuration. `routine` is the
+        periodic verify, logged only when it had something to repair."""
         started = time.monotonic()
         try:
-            result = self.manager.apply(self.cfg.services)
+            result = self.manager.apply(self.cfg.services, verify=True)
             writes = result.writes
         except ApplyError as err:
             log.error("IPVS reconcile: %s", err)
             writes = err.result.writes
+        except OSError as err:
+            if not routine:
+                raise
+            # Keep the periodic task alive: the next verify starts from the kernel again.
+            log.error("IPVS reconcile: %s", err)
+            writes = 0
         self.reconcile.runs += 1
         self.reconcile.writes += writes
         self.reconcile.last_seconds = time.monotonic() - started
-        log.info("IPVS reconciled: %d services, %d netlink writes, %.1f ms", len(self.cfg.services), writes,
-                 self.reconcile.last_seconds * 1000)
+        log.log(logging.DEBUG if routine and not writes else logging.INFO,
+                "IPVS reconciled: %d services, %d netlink writes, %.1f ms", len(self.cfg.services), writes,
+                self.reconcile.last_seconds * 1000)
+
+    async def _verify_ipvs(self) -> None:
+        """Repair changes others made to our services (an `ipvsadm -d` by hand)."""
+        while True:
+            await asyncio.sleep(self.cfg.settings.ipvs_verify_interval)
+            self._apply(routine=True)
 
     # -- evidence in, actions out --------------------------------------------------------
 
@@ -274,6 +289,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         watchdog = loop.create_task(self._watchdog())
         udp_watch = loop.create_task(self._watch_udp())
+        verify = loop.create_task(self._verify_ipvs())
         self._schedule_tick()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
         log.info("running: %s", self._status_line())
@@ -284,6 +300,7 @@ class Daemon:
             log.info("stopping; IPVS is left as it is")
             watchdog.cancel()
             udp_watch.cancel()
+            verify.cancel()
             for task in self._probes:
                 task.cancel()
             loop.remove_reader(self.tracer.fileno())

@@ -106,6 +106,9 @@ class Settings:
     status_socket: str = "/run/ipvslb/status.sock"
     metrics_address: str = "127.0.0.1:9742"
     log_level: str = "info"
+    # Seconds the IPVS manager trusts its record of what it wrote before reading the
+    # kernel back in full; the daemon verifies this often, repairing others' changes.
+    ipvs_verify_interval: float = 30.0
     sysctls: Sysctls = field(default_factory=Sysctls)
     tracer: TracerSettings = field(default_factory=TracerSettings)
 

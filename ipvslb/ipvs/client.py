@@ -110,7 +110,9 @@ def _open_socket() -> socket.socket:
 
 class IPVS:
     """One netlink socket to the kernel's IPVS. Not thread-safe; `writes` counts every
-    write message sent (the measure of "an unchanged state causes no writes")."""
+    write message sent (the measure of "an unchanged state causes no writes");
+    `already_done` counts writes that found their goal reached by someone else, which
+    tells a caller planning from a remembered state that the memory was wrong."""
 
     def __init__(self, sock: socket.socket | None = None, family: int | None = None):
         self._family = family_id() if family is None else family
@@ -118,6 +120,7 @@ class IPVS:
         self._seq = itertools.count(1)
         self._buf = bytearray(RECV_BYTES)
         self.writes = 0
+        self.already_done = 0
 
     def close(self) -> None:
         self._sock.close()
@@ -223,7 +226,9 @@ class IPVS:
                     continue
                 code = codec.error_code(self._buf, payload)
                 op = pending[seq]
-                if code and code not in _ALREADY_DONE.get(op.kind, ()):
+                if code in _ALREADY_DONE.get(op.kind, ()):
+                    self.already_done += 1
+                elif code:
                     failures.append(Failure(op, code))
                 if seq == last:
                     return

@@ -1,16 +1,20 @@
 """Keeps the kernel's IPVS and the VIPs equal to the configured services.
 
-`apply` reads the kernel (one dump of all services, one destination dump per configured
-service that exists), plans the difference and writes only that: never a flush, nothing
-for an unchanged state, nothing at all for a service we do not own. `set_weight` is the
-health layer's handle (`hold_weight` the same without a write, for the next apply); a
-weight it lowered stays lowered across applies until it raises it back (or the backend
-leaves the configuration). Not thread-safe: the daemon calls both
-from its one loop.
+`apply` plans the difference between the configured services and what the kernel holds,
+and writes only that: never a flush, nothing for an unchanged state, nothing at all for
+a service we do not own. What the kernel holds comes from a `Snapshot` (the last full
+read, updated with every write since) while it is fresh, so an unchanged state costs no
+netlink traffic at all; a full read ("verify": one service dump, one destination dump per
+configured service) replaces it at the first apply, when it is older than
+`ipvs_verify_interval`, after any error, and on request. `set_weight` is the health
+layer's handle (`hold_weight` the same without a write, for the next apply); a weight it
+lowered stays lowered across applies until it raises it back (or the backend leaves the
+configuration). Not thread-safe: the daemon calls both from its one loop.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +22,8 @@ from ipvslb import model
 from ipvslb.ipvs import reconcile, sysctls
 from ipvslb.ipvs.client import IPVS, Failure
 from ipvslb.ipvs.ownership import Ownership
-from ipvslb.ipvs.specs import Op, dest_spec, service_spec
+from ipvslb.ipvs.snapshot import Snapshot
+from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec, dest_spec, service_spec
 from ipvslb.ipvs.vips import VipInterface
 
 ServiceKey = tuple[str, model.IPAddress, int]
@@ -40,7 +45,7 @@ class ApplyError(RuntimeError):
 
 class Manager:
     def __init__(self, settings: model.Settings, ipvs: IPVS | None = None, vips: VipInterface | None = None,
-                 sysctl_root: Path = sysctls.PROC):
+                 sysctl_root: Path = sysctls.PROC, clock: Callable[[], float] = time.monotonic):
         self.ipvs = IPVS() if ipvs is None else ipvs
         if settings.manage_vips:
             self.vips = VipInterface(settings.vip_interface) if vips is None else vips
@@ -50,6 +55,14 @@ class Manager:
         sysctls.apply(settings.sysctls, sysctl_root)
         self._services: dict[ServiceKey, model.Service] = {}
         self._overrides: dict[tuple[ServiceKey, BackendKey], int] = {}
+        # id(service) -> (service, its spec, its destinations at configured weights).
+        # The daemon passes the same frozen objects until a reload, and building 10 000
+        # destination specs would be most of what an unchanged apply costs.
+        self._specs: dict[int, tuple[model.Service, ServiceSpec, list[DestSpec]]] = {}
+        self.verify_interval = settings.ipvs_verify_interval
+        self._clock = clock
+        self._snapshot: Snapshot | None = None
+        self.verifies = 0   # full reads of the kernel so far
 
     def close(self) -> None:
         self.ipvs.close()
@@ -61,39 +74,22 @@ class Manager:
         """Netlink writes so far, IPVS and rtnetlink together."""
         return self.ipvs.writes + (self.vips.writes if self.vips is not None else 0)
 
-    def apply(self, services: Sequence[model.Service]) -> ApplyResult:
+    def apply(self, services: Sequence[model.Service], verify: bool = False) -> ApplyResult:
         """Make the kernel match `services`; raises ApplyError (carrying the result) when
-        some writes failed, after doing all the others."""
+        some writes failed, after doing all the others. `verify` reads the kernel in full
+        first instead of trusting the snapshot (on start and reload: someone may have
+        changed it meanwhile)."""
         writes_before = self.writes
         by_key = {s.key: s for s in services}
         if len(by_key) != len(services):
             raise ValueError("two services with the same protocol, VIP and port")
-        desired = [(service_spec(s), [dest_spec(s, b, self._weight(s, b)) for b in s.backends]) for s in services]
-        wanted = frozenset(spec.key for spec, _ in desired)
-        kernel = {ks.spec.key: ks.spec for ks in self.ipvs.services()}
-
-        vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
-        # Claim before creating, so that a crash in between cannot leave an unowned service.
-        self.ownership.record(self.ownership.services | wanted, self.ownership.vips | vips_wanted)
-        present: set[bytes] = set()
-        if self.vips is not None:
-            self.vips.ensure()
-            present = self.vips.addresses()
-            for vip in vips_wanted - present:
-                self.vips.add(vip)
-
-        kernel_dests = {key: [d.spec for d in self.ipvs.dests(spec)] for key, spec in kernel.items() if key in wanted}
-        ops = reconcile.plan(desired, kernel, kernel_dests, self.ownership.services)
-        failures = self.ipvs.execute(ops)
-
-        # A service we failed to delete stays ours, and so does its VIP.
-        kept = {f.op.service for f in failures if f.op.kind == "delete-service"}
-        vips_kept = self.ownership.vips
-        if self.vips is not None:
-            vips_kept = vips_wanted | {spec.vip for spec in kept}
-            for vip in (self.ownership.vips - vips_kept) & present:
-                self.vips.remove(vip)
-        self.ownership.record(wanted | {spec.key for spec in kept}, vips_kept)
+        desired = self._desired(services)
+        ops, failures, stale = self._reconcile(desired, verify)
+        if stale:
+            # A write found its goal already reached: the snapshot was wrong, so what it
+            # planned may be incomplete. Once more from the kernel's own account.
+            more, failures, _ = self._reconcile(desired, verify=True)
+            ops = ops + more
 
         self._services = by_key
         # Forget weights of backends that left the configuration, and those that merely
@@ -105,6 +101,72 @@ class Manager:
         if failures:
             raise ApplyError(result)
         return result
+
+    def _desired(self, services: Sequence[model.Service]) -> list[tuple[ServiceSpec, list[DestSpec]]]:
+        """Every service with its destinations at the weights to write."""
+        held = {service for service, _ in self._overrides}
+        specs, desired = {}, []
+        for svc in services:
+            cached = self._specs.get(id(svc))
+            if cached is None or cached[0] is not svc:
+                cached = (svc, service_spec(svc), [dest_spec(svc, b) for b in svc.backends])
+            specs[id(svc)] = cached
+            dests = cached[2]
+            if held and svc.key in held:
+                dests = [dest_spec(svc, b, self._weight(svc, b)) for b in svc.backends]
+            desired.append((cached[1], dests))
+        self._specs = specs
+        return desired
+
+    def _reconcile(self, desired: list, verify: bool) -> tuple[list[Op], list[Failure], bool]:
+        """One plan and its writes; the flag says the snapshot it trusted proved wrong."""
+        wanted = frozenset(spec.key for spec, _ in desired)
+        vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
+        # Claim before creating, so that a crash in between cannot leave an unowned service.
+        self.ownership.record(self.ownership.services | wanted, self.ownership.vips | vips_wanted)
+        state, self._snapshot = self._snapshot, None   # restored only if all goes well
+        trusted = not verify and state is not None and self._clock() - state.taken < self.verify_interval \
+            and state.knows(wanted)
+        if not trusted:
+            state = self._read(wanted)
+        already_done = self.ipvs.already_done
+        for vip in vips_wanted - state.vips:
+            self.vips.add(vip)
+            state.vips.add(vip)
+
+        ops = reconcile.plan(desired, state.services, state.dests, self.ownership.services)
+        failures = self.ipvs.execute(ops)
+
+        # A service we failed to delete stays ours, and so does its VIP.
+        kept = {f.op.service for f in failures if f.op.kind == "delete-service"}
+        vips_kept = self.ownership.vips
+        if self.vips is not None:
+            vips_kept = vips_wanted | {spec.vip for spec in kept}
+            for vip in (self.ownership.vips - vips_kept) & state.vips:
+                self.vips.remove(vip)
+                state.vips.discard(vip)
+        self.ownership.record(wanted | {spec.key for spec in kept}, vips_kept)
+        if failures:
+            return ops, failures, False   # the snapshot stays dropped: the next apply verifies
+        if trusted and self.ipvs.already_done != already_done:
+            return ops, failures, True
+        state.record(ops)
+        self._snapshot = state
+        return ops, failures, False
+
+    def _read(self, wanted: frozenset) -> Snapshot:
+        """The kernel's state, read in full: all services, the destinations of the
+        configured ones, the VIP interface's addresses (created if missing)."""
+        self.verifies += 1
+        taken = self._clock()
+        services = {ks.spec.key: ks.spec for ks in self.ipvs.services()}
+        dests = {key: {d.spec.key: d.spec for d in self.ipvs.dests(spec)}
+                 for key, spec in services.items() if key in wanted}
+        vips: set[bytes] = set()
+        if self.vips is not None:
+            self.vips.ensure()
+            vips = self.vips.addresses()
+        return Snapshot(taken, services, dests, vips)
 
     def hold_weight(self, service: ServiceKey, backend: BackendKey, weight: int | None) -> None:
         """Remember the weight the health layer wants without writing it: the next apply
@@ -123,7 +185,12 @@ class Manager:
             raise KeyError(backend)
         self.hold_weight(service, backend, None if weight is None or weight >= configured.weight else weight)
         effective = self._weight(svc, configured)
-        self.ipvs.apply_one(Op("edit-dest", service_spec(svc), dest_spec(svc, configured, effective)))
+        op = Op("edit-dest", service_spec(svc), dest_spec(svc, configured, effective))
+        state, self._snapshot = self._snapshot, None
+        self.ipvs.apply_one(op)
+        if state is not None and op.service.key in state.dests:
+            state.record([op])
+            self._snapshot = state
         return effective
 
     def _weight(self, service: model.Service, backend: model.Backend) -> int:

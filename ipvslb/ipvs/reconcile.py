@@ -7,7 +7,7 @@ always has somewhere to send new connections; whole services are removed last.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec
@@ -15,11 +15,11 @@ from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec
 
 def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
          kernel: Mapping[tuple, ServiceSpec],
-         kernel_dests: Mapping[tuple, Iterable[DestSpec]],
+         kernel_dests: Mapping[tuple, Mapping[tuple, DestSpec]],
          owned: AbstractSet[tuple]) -> list[Op]:
     """desired: every configured service with its destinations (weights already final);
-    kernel: every service in the kernel by key; kernel_dests: the destinations of the
-    desired services that exist in the kernel; owned: keys of services we may delete."""
+    kernel: every service in the kernel by key; kernel_dests: the destinations by key of
+    the desired services that exist in the kernel; owned: keys of services we may delete."""
     ops: list[Op] = []
     for service, dests in desired:
         current = kernel.get(service.key)
@@ -29,19 +29,26 @@ def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
             continue
         if current != service:
             ops.append(Op("edit-service", service))
-        ops.extend(_dest_ops(service, dests, {d.key: d for d in kernel_dests.get(service.key, ())}))
+        ops.extend(_dest_ops(service, dests, kernel_dests.get(service.key, {})))
     wanted = {service.key for service, _ in desired}
     ops.extend(Op("delete-service", spec) for key, spec in kernel.items() if key in owned and key not in wanted)
     return ops
 
 
-def _dest_ops(service: ServiceSpec, dests: Sequence[DestSpec], current: dict[tuple, DestSpec]) -> list[Op]:
+def _dest_ops(service: ServiceSpec, dests: Sequence[DestSpec], current: Mapping[tuple, DestSpec]) -> list[Op]:
     ops = []
+    found = 0
     for dest in dests:
-        have = current.pop(dest.key, None)
+        have = current.get(dest.key)
         if have is None:
             ops.append(Op("add-dest", service, dest))
-        elif have != dest:
-            ops.append(Op("edit-dest", service, dest))
-    ops.extend(Op("delete-dest", service, d) for d in current.values())
+        else:
+            found += 1
+            if have != dest:
+                ops.append(Op("edit-dest", service, dest))
+    # Every current destination was matched (keys are unique): the common, unchanged case
+    # needs no set of the desired keys.
+    if found < len(current):
+        keep = {dest.key for dest in dests}
+        ops.extend(Op("delete-dest", service, d) for key, d in current.items() if key not in keep)
     return ops

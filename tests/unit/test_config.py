@@ -164,6 +164,10 @@ MALFORMED = {
                           "settings.sysctls.conntrack: not a boolean: got 1"),
     "tracer capacity string": ("settings:\n  tracer: {connection_capacity: big}\n" + SERVICE,
                                "settings.tracer.connection_capacity: not an integer: got 'big'"),
+    "verify interval below a second": ("settings: {ipvs_verify_interval: 0}\n" + SERVICE,
+                                       "settings.ipvs_verify_interval: out of range: got 0, expected a number >= 1"),
+    "verify interval as string": ("settings: {ipvs_verify_interval: 30s}\n" + SERVICE,
+                                  "settings.ipvs_verify_interval: not a number: got '30s'"),
     "log level": ("settings: {log_level: verbose}\n" + SERVICE,
                   "settings.log_level: unknown value: got 'verbose', expected one of debug, info"),
     "metrics address without port": ("settings: {metrics_address: 127.0.0.1}\n" + SERVICE,
@@ -311,6 +315,7 @@ def test_every_setting_can_be_given():
           status_socket: /run/lb.sock
           metrics_address: "[::1]:9100"
           log_level: debug
+          ipvs_verify_interval: 5
           sysctls: {conntrack: false, expire_nodest_conn: false, expire_quiescent_template: false,
                     conn_reuse_mode: 0}
           tracer: {connection_capacity: 1024, ring_buffer_pages: 8}
@@ -349,7 +354,7 @@ def test_every_setting_can_be_given():
     cfg = config.parse(textwrap.dedent(text), "c.yaml")
     assert cfg.settings == model.Settings(
         vip_interface="lb0", manage_vips=False, state_dir="/srv/ipvslb", status_socket="/run/lb.sock",
-        metrics_address="[::1]:9100", log_level="debug",
+        metrics_address="[::1]:9100", log_level="debug", ipvs_verify_interval=5.0,
         sysctls=model.Sysctls(False, False, False, 0), tracer=model.TracerSettings(1024, 8))
     (svc,) = cfg.services
     assert (svc.protocol, svc.scheduler, svc.scheduler_flags, svc.persistence_timeout, svc.forwarding) == (

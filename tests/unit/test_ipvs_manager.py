@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from ipvslb.ipvs import ApplyError, Manager
+from ipvslb.ipvs import ApplyError, IPVSError, Manager, messages
 from ipvslb.ipvs.client import IPVS
-from ipvslb.ipvs.specs import ServiceSpec
+from ipvslb.ipvs.specs import ServiceSpec, dest_spec, service_spec
 from ipvslb.model import Backend, Service, Settings, Sysctls
 from tests.unit.fake_ipvs import FAMILY, FakeKernel
 
@@ -27,11 +28,14 @@ class FakeVips:
     def __init__(self):
         self.addresses_now: set[bytes] = set()
         self.writes = 0
+        self.reads = 0
 
     def ensure(self):
+        self.reads += 1
         return 1
 
     def addresses(self):
+        self.reads += 1
         return set(self.addresses_now)
 
     def add(self, vip):
@@ -60,8 +64,9 @@ def world(tmp_path, sysctl_root):
     kernel, vips = FakeKernel(), FakeVips()
     settings = Settings(state_dir=str(tmp_path / "state"), sysctls=Sysctls(conn_reuse_mode=1))
 
-    def start() -> Manager:
-        return Manager(settings, ipvs=IPVS(sock=kernel, family=FAMILY), vips=vips, sysctl_root=sysctl_root)
+    def start(clock=time.monotonic) -> Manager:
+        return Manager(settings, ipvs=IPVS(sock=kernel, family=FAMILY), vips=vips, sysctl_root=sysctl_root,
+                       clock=clock)
 
     return kernel, vips, settings, start
 
@@ -167,3 +172,157 @@ def test_unreadable_state_file_means_owning_nothing(world):
     (Path(settings.state_dir) / "owned.json").write_text("{not json")
     assert start().apply([]).ops == []
     assert len(kernel.services) == 1
+
+
+# --- the snapshot: trust what we wrote, verify periodically --------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reads(kernel, vips) -> int:
+    """IPVS dumps and VIP interface look-ups so far."""
+    dumps = sum(1 for cmd in kernel.commands if cmd in (messages.CMD_GET_SERVICE, messages.CMD_GET_DEST))
+    return dumps + vips.reads
+
+
+def traffic(kernel, vips) -> tuple[int, int]:
+    return reads(kernel, vips), len(kernel.commands) + vips.writes
+
+
+def refuse(kernel, command: int, code: int = 16):
+    """Make the fake kernel fail `command` with `code` (EBUSY) from now on."""
+    original = kernel._change
+    kernel._change = lambda cmd, msg: code if cmd == command else original(cmd, msg)
+    return original
+
+
+def test_no_op_apply_reads_and_writes_nothing(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB, DNS, WEB6])
+    before = traffic(kernel, vips)
+    assert m.apply([WEB, DNS, WEB6]) == ([], 0, [])
+    assert traffic(kernel, vips) == before
+    assert m.verifies == 1
+
+
+def test_a_change_from_the_snapshot_sends_only_its_writes_and_reads_nothing(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB, DNS])
+    before = reads(kernel, vips)
+    changed = dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=4), B[3]))
+    result = m.apply([changed, DNS_TCP])
+    assert reads(kernel, vips) == before
+    assert sorted(op.kind for op in result.ops) == ["add-dest", "add-dest", "add-service", "delete-dest",
+                                                    "delete-service", "edit-dest"]
+    assert weights(kernel) == {(1, 8080): 4, (3, 8080): 1}
+    assert m.apply([changed, DNS_TCP]).writes == 0
+
+
+def test_a_stale_snapshot_is_verified_first(world):
+    kernel, vips, settings, start = world
+    clock = Clock()
+    m = start(clock)
+    m.apply([WEB])
+    clock.now += settings.ipvs_verify_interval - 0.5
+    before = reads(kernel, vips)
+    m.apply([WEB])
+    assert reads(kernel, vips) == before
+    clock.now += 1
+    m.apply([WEB])
+    assert reads(kernel, vips) > before and m.verifies == 2
+
+
+def test_verify_forces_a_full_read_and_repairs_what_others_changed(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    sid = next(iter(kernel.dests))
+    kernel.dests[sid].clear()                       # an `ipvsadm -d` of both backends
+    assert m.apply([WEB]).writes == 0               # trusted: not noticed yet
+    before = reads(kernel, vips)
+    result = m.apply([WEB], verify=True)
+    assert reads(kernel, vips) > before
+    assert [op.kind for op in result.ops] == ["add-dest", "add-dest"]
+    assert weights(kernel) == {(1, 8080): 1, (2, 8080): 1}
+
+
+def test_a_failed_write_drops_the_snapshot(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    original = refuse(kernel, messages.CMD_SET_DEST)
+    with pytest.raises(ApplyError):
+        m.apply([dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=2), B[2]))])
+    kernel._change = original
+    before = reads(kernel, vips)
+    m.apply([WEB])
+    assert reads(kernel, vips) > before and m.verifies == 2
+
+
+def test_a_netlink_error_drops_the_snapshot(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+
+    def lost(data):
+        raise OSError(105, "No buffer space available")   # ENOBUFS: outcome unknown
+
+    kernel.send, send = lost, kernel.send
+    with pytest.raises(OSError):
+        m.apply([WEB, DNS])
+    kernel.send = send
+    verifies = m.verifies
+    m.apply([WEB, DNS])
+    assert m.verifies == verifies + 1
+    assert len(kernel.services) == 2
+
+
+def test_a_snapshot_proved_wrong_by_the_kernel_is_replaced_in_the_same_apply(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    # Someone adds, by hand, the backend the next configuration adds, with another weight.
+    IPVS(sock=kernel, family=FAMILY).add_dest(*_web_with(B[3], weight=9))
+    result = m.apply([dataclasses.replace(WEB, backends=(B[1], B[2], B[3]))])
+    assert [op.kind for op in result.ops] == ["add-dest", "edit-dest"]   # EEXIST, then verified
+    assert weights(kernel) == {(1, 8080): 1, (2, 8080): 1, (3, 8080): 1}
+    assert m.verifies == 2
+
+
+def _web_with(backend, weight):
+    return service_spec(WEB), dest_spec(WEB, dataclasses.replace(backend, weight=weight))
+
+
+def test_set_weight_keeps_the_snapshot_and_a_failed_one_drops_it(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    m.set_weight(WEB.key, B[1].key, 0)
+    before = traffic(kernel, vips)
+    assert m.apply([WEB]).writes == 0 and traffic(kernel, vips) == before
+
+    refuse(kernel, messages.CMD_SET_DEST, code=2)   # ENOENT: removed by hand
+    with pytest.raises(IPVSError):
+        m.set_weight(WEB.key, B[1].key, None)
+    assert m.verifies == 1
+    with pytest.raises(ApplyError):
+        m.apply([WEB])                               # the held weight's edit is refused again
+    assert m.verifies == 2
+
+
+def test_a_service_the_snapshot_saw_but_did_not_read_is_verified_before_it_is_claimed(world):
+    kernel, vips, settings, start = world
+    IPVS(sock=kernel, family=FAMILY).add_service(FOREIGN)
+    m = start()
+    m.apply([WEB])
+    claimed = Service("claimed", "tcp", ip("10.99.0.1"), 80, (B[1],))
+    m.apply([WEB, claimed])
+    assert m.verifies == 2
+    assert weights(kernel, "10.99.0.1") == {(1, 8080): 1}
