@@ -4,12 +4,15 @@
 Runs inside a VM (it needs IPVS):
     testbed/run_vm.py --kernels 6.12 --exec ".venv/bin/python bench/ipvs_apply.py"
 
-1000 services x 10 backends loaded from empty, then an apply of the same state (no-op),
-then a 1 % change (10 services: one weight edited, one backend replaced). ipvsadm gets
-the same rules, and for the change only the 30 commands that make it (it cannot diff);
-for the no-op its nearest equivalent is reading the table (`ipvsadm -Sn`). VIPs are left
-out on both sides (ipvsadm does not add addresses); a last line measures them separately.
-Each figure is the median of ROUNDS runs, the two tools alternating.
+1000 services x 10 backends loaded from empty, then an apply of the same state planned
+from the manager's snapshot (the no-op: no netlink traffic at all), the same with
+`verify=True` (a full read of the kernel, what the daemon does at start, on reload and
+every `ipvs_verify_interval`), then a 1 % change (10 services: one weight edited, one
+backend replaced) planned from the snapshot. ipvsadm gets the same rules, and for the
+change only the 30 commands that make it (it cannot diff); for the no-op and the verify
+its nearest equivalent is reading the table (`ipvsadm -Sn`). VIPs are left out on both
+sides (ipvsadm does not add addresses); a last line measures them separately. Each
+figure is the median of ROUNDS runs, the two tools alternating.
 """
 from __future__ import annotations
 
@@ -99,43 +102,51 @@ def main() -> None:
     base, change = config(), changed(config())
     rules, change_rules = ipvsadm_rules(), ipvsadm_change()
     speed = [python_speed()]
-    ours: dict[str, list[float]] = {"full": [], "noop": [], "change": []}
-    theirs: dict[str, list[float]] = {"full": [], "noop": [], "change": []}
+    steps = (("full", base, False), ("noop", base, False), ("verify", base, True), ("change", change, False))
+    ours: dict[str, list[float]] = {name: [] for name, _, _ in steps}
+    theirs: dict[str, list[float]] = {name: [] for name, _, _ in steps}
     writes: dict[str, int] = {}
+    verifies: dict[str, int] = {}
     for _ in range(ROUNDS):
         topology.sh("ipvsadm", "-C")
         theirs["full"].append(ipvsadm("-R", rules=rules))
         theirs["noop"].append(ipvsadm("-Sn"))
+        theirs["verify"].append(theirs["noop"][-1])
         theirs["change"].append(ipvsadm("-R", rules=change_rules))
         topology.sh("ipvsadm", "-C")
         with tempfile.TemporaryDirectory() as state:
             manager = Manager(Settings(manage_vips=False, state_dir=state))
-            for name, services in (("full", base), ("noop", base), ("change", change)):
-                seconds, result = timed(lambda: manager.apply(services))
+            for name, services, verify in steps:
+                before = manager.verifies
+                seconds, result = timed(lambda: manager.apply(services, verify=verify))
                 ours[name].append(seconds)
                 writes[name] = result.writes
+                verifies[name] = manager.verifies - before
             manager.close()
     topology.sh("ipvsadm", "-C")
 
     with tempfile.TemporaryDirectory() as state:
         manager = Manager(Settings(vip_interface="benchvip0", state_dir=state))
-        vip_full, _ = timed(lambda: manager.apply(base))
-        vip_noop, _ = timed(lambda: manager.apply(base))
+        vip = {name: timed(lambda: manager.apply(base, verify=verify))[0] for name, _, verify in steps[:3]}
         manager.apply([])
         manager.close()
     topology.sh("ip", "link", "del", "benchvip0", check=False)
     speed.append(python_speed())
 
     rows = [("full load (1000 x 10, from empty)", "full", "ipvsadm -R"),
-            ("no-op apply", "noop", "ipvsadm -Sn (read only)"),
-            ("1 % change (10 services)", "change", "ipvsadm -R (30 commands)")]
+            ("no-op apply (from the snapshot)", "noop", "ipvsadm -Sn (reads the table)"),
+            ("verify apply (full read, no change)", "verify", "ipvsadm -Sn (reads the table)"),
+            ("1 % change (10 services, snapshot)", "change", "ipvsadm -R (30 commands)")]
     print(f"\nIPVS apply, {SERVICES} services x {BACKENDS} backends, median of {ROUNDS}, "
           f"kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}")
-    print(f"{'operation':36} {'ipvslb':>9} {'writes':>7} {'ipvsadm':>9}  {'ratio':>6}  ipvsadm command")
+    print(f"{'operation':38} {'ipvslb':>9} {'writes':>7} {'reads':>6} {'ipvsadm':>9}  {'ratio':>6}  ipvsadm command")
     for label, key, command in rows:
         a, b = statistics.median(ours[key]), statistics.median(theirs[key])
-        print(f"{label:36} {a * 1000:7.0f}ms {writes[key]:7d} {b * 1000:7.0f}ms  {a / b:5.2f}x  {command}")
-    print(f"with VIPs on a dummy interface: full load {vip_full * 1000:.0f} ms, no-op {vip_noop * 1000:.0f} ms")
+        reads = "full" if verifies[key] else "none"
+        print(f"{label:38} {a * 1000:7.1f}ms {writes[key]:7d} {reads:>6} {b * 1000:7.0f}ms  {a / b:5.2f}x  {command}")
+    print(f"ipvslb's no-op, each round: {', '.join(f'{t * 1000:.1f} ms' for t in ours['noop'])}")
+    print(f"with VIPs on a dummy interface: full load {vip['full'] * 1000:.0f} ms, "
+          f"no-op {vip['noop'] * 1000:.1f} ms, verify {vip['verify'] * 1000:.0f} ms")
     print(f"a 1M-step Python loop took {speed[0] * 1000:.0f} ms before and {speed[1] * 1000:.0f} ms after "
           f"(the host, natively: about 50 ms)")
 

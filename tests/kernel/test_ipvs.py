@@ -98,6 +98,34 @@ def test_same_config_twice_makes_no_writes(manager):
     assert manager.apply(cfg.config_b()).writes == 0
 
 
+def test_changes_made_by_others_are_repaired_at_the_next_verify(topo, settings):
+    """An apply trusts its snapshot of what it wrote; the verify, when it comes (asked
+    for, or the snapshot older than ipvs_verify_interval), reads the kernel and repairs."""
+    sh("ip", "link", "del", VIP_LINK, check=False)
+    m = Manager(dataclasses.replace(settings, ipvs_verify_interval=2.0))
+    try:
+        m.apply(cfg.config_a())
+        ipvsadm("-d", "-t", "10.90.0.1:80", "-r", "10.77.1.2:8080")
+        ipvsadm("-e", "-u", "10.90.0.2:53", "-r", "10.77.3.2:8080", "-m", "-w", "9")
+        ipvsadm("-E", "-t", "10.90.0.4:443", "-s", "lc")
+        drifted = listing()
+        assert drifted != cfg.LISTING_A
+        assert m.apply(cfg.config_a()).writes == 0     # the snapshot is fresh: no read at all
+        assert listing() == drifted
+        repaired = m.apply(cfg.config_a(), verify=True)
+        assert collections.Counter(op.kind for op in repaired.ops) == {"add-dest": 1, "edit-dest": 1,
+                                                                          "edit-service": 1}
+        assert listing() == cfg.LISTING_A
+
+        ipvsadm("-d", "-u", "10.90.0.2:53", "-r", "10.77.1.2:8080")
+        time.sleep(2.1)
+        assert [op.kind for op in m.apply(cfg.config_a()).ops] == ["add-dest"]   # stale: verified
+        assert listing() == cfg.LISTING_A
+    finally:
+        m.close()
+        sh("ip", "link", "del", VIP_LINK, check=False)
+
+
 def test_hand_added_service_survives_every_apply_and_restarts(manager, settings):
     hand_add_service()
     for config in (cfg.config_a, cfg.config_b, cfg.config_a):
