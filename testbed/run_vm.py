@@ -14,6 +14,7 @@ dmesg shows BUG:/WARNING:/Oops.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shlex
@@ -65,6 +66,18 @@ def follow(path: Path, prefix: str, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
+def vm_lock():
+    """One TCG VM at a time on this machine: two at once on two cores made both slow and
+    turned timing tests flaky. Concurrent runs queue here instead."""
+    handle = open(RESULTS / ".vm.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("run_vm: another VM is running on this machine; waiting for it", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool) -> tuple[bool, str]:
     vmlinuz = kernels.fetch(name)
     release = kernels.release_of(name)
@@ -88,12 +101,15 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     follower = threading.Thread(target=follow, args=(out / "log", f"[{name}] ", stop), daemon=True)
     if not quiet:
         follower.start()
+    lock = vm_lock()
     started = time.monotonic()
     try:
         vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         vm_error = vm.stderr.strip().splitlines()[-5:] if vm.returncode else []
     except subprocess.TimeoutExpired:
         vm_error = [f"timed out after {timeout:.0f} s"]
+    finally:
+        lock.close()
     wall = time.monotonic() - started
     stop.set()
     if follower.is_alive():
@@ -112,7 +128,11 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
         why.append(f"dmesg: {bad[0].strip()}")
     why += vm_error
     verdict = "passed" if ok else "FAILED (" + "; ".join(why) + ")"
-    return ok, f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
+    summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
+    # CI shows only the tail of a long log: repeat pytest's failure lines under the verdict.
+    log = (out / "log").read_text(errors="replace") if (out / "log").exists() else ""
+    failures = [line for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failures)])
 
 
 def main() -> int:
@@ -128,7 +148,7 @@ def main() -> int:
                         help="after --: extra pytest arguments (default: tests/kernel)")
     args = parser.parse_args()
     extra = [a for a in args.pytest_args if a != "--"]
-    command = args.command or "python3 -m pytest -p no:cacheprovider -v -rP " + " ".join(
+    command = args.command or "python3 -m pytest -p no:cacheprovider -v -rPfE " + " ".join(
         shlex.quote(a) for a in (extra or ["tests/kernel"]))
     summaries = []
     all_ok = True
