@@ -144,8 +144,10 @@ def test_hand_added_service_survives_every_apply_and_restarts(manager, settings)
     code = ("import sys; from ipvslb.ipvs import Manager; from ipvslb.model import Settings; "
             f"m = Manager(Settings(vip_interface={VIP_LINK!r}, state_dir=sys.argv[1])); "
             "r = m.apply([]); print(len(r.ops))")
-    out = subprocess.run([sys.executable, "-c", code, settings.state_dir], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, "-c", code, settings.state_dir], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert int(out) == len(cfg.LISTING_B)
     assert listing() == {f"TCP {cfg.HAND_MADE}": HAND_MADE_LISTING}
     assert vips_on_link() == set()
