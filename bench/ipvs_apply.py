@@ -8,8 +8,9 @@ Runs inside a VM (it needs IPVS):
 from the manager's snapshot (the no-op: no netlink traffic at all), the same with
 `verify=True` (a full read of the kernel, what the daemon does at start, on reload and
 every `ipvs_verify_interval`), then a 1 % change (10 services: one weight edited, one
-backend replaced) planned from the snapshot. ipvsadm gets the same rules, and for the
-change only the 30 commands that make it (it cannot diff); for the no-op and the verify
+backend replaced) planned from the snapshot, and that change undone with every service
+object built anew (as after re-reading a file). ipvsadm gets the same rules, and for the
+changes only the 30 commands that make each (it cannot diff); for the no-op and the verify
 its nearest equivalent is reading the table (`ipvsadm -Sn`). VIPs are left out on both
 sides (ipvsadm does not add addresses); a last line measures them separately. Each
 figure is the median of ROUNDS runs, the two tools alternating.
@@ -64,13 +65,14 @@ def ipvsadm_rules() -> str:
     return "\n".join(lines) + "\n"
 
 
-def ipvsadm_change() -> str:
+def ipvsadm_change(back: bool = False) -> str:
     lines = []
+    new_port, old_port = (8080, 9090) if back else (9090, 8080)
     for i in range(0, SERVICES, SERVICES // CHANGED):
         v = f"{vip(i)}:80"
-        lines += [f"-e -t {v} -r {backend(i, 0).address}:8080 -m -w 3",
-                  f"-a -t {v} -r {backend(i, 1).address}:9090 -m -w 1",
-                  f"-d -t {v} -r {backend(i, 1).address}:8080"]
+        lines += [f"-e -t {v} -r {backend(i, 0).address}:8080 -m -w {1 if back else 3}",
+                  f"-a -t {v} -r {backend(i, 1).address}:{new_port} -m -w 1",
+                  f"-d -t {v} -r {backend(i, 1).address}:{old_port}"]
     return "\n".join(lines) + "\n"
 
 
@@ -99,10 +101,15 @@ def python_speed() -> float:
 def main() -> None:
     for module in ("ip_vs", "ip_vs_wlc"):
         topology.sh("modprobe", module)
-    base, change = config(), changed(config())
-    rules, change_rules = ipvsadm_rules(), ipvsadm_change()
+    # `change` shares the 990 unchanged services with `base`, as a caller editing its
+    # list would; `rebuilt` is `base` again from new objects, as after re-reading the
+    # file, which costs the manager the mapping of every service onto netlink specs.
+    base = config()
+    change, rebuilt = changed(base), config()
+    rules, change_rules, change_back_rules = ipvsadm_rules(), ipvsadm_change(), ipvsadm_change(back=True)
     speed = [python_speed()]
-    steps = (("full", base, False), ("noop", base, False), ("verify", base, True), ("change", change, False))
+    steps = (("full", base, False), ("noop", base, False), ("verify", base, True), ("change", change, False),
+             ("rebuilt", rebuilt, False))
     ours: dict[str, list[float]] = {name: [] for name, _, _ in steps}
     theirs: dict[str, list[float]] = {name: [] for name, _, _ in steps}
     writes: dict[str, int] = {}
@@ -113,6 +120,7 @@ def main() -> None:
         theirs["noop"].append(ipvsadm("-Sn"))
         theirs["verify"].append(theirs["noop"][-1])
         theirs["change"].append(ipvsadm("-R", rules=change_rules))
+        theirs["rebuilt"].append(ipvsadm("-R", rules=change_back_rules))
         topology.sh("ipvsadm", "-C")
         with tempfile.TemporaryDirectory() as state:
             manager = Manager(Settings(manage_vips=False, state_dir=state))
@@ -136,7 +144,8 @@ def main() -> None:
     rows = [("full load (1000 x 10, from empty)", "full", "ipvsadm -R"),
             ("no-op apply (from the snapshot)", "noop", "ipvsadm -Sn (reads the table)"),
             ("verify apply (full read, no change)", "verify", "ipvsadm -Sn (reads the table)"),
-            ("1 % change (10 services, snapshot)", "change", "ipvsadm -R (30 commands)")]
+            ("1 % change (10 services, snapshot)", "change", "ipvsadm -R (30 commands)"),
+            ("1 % back, every object new", "rebuilt", "ipvsadm -R (30 commands)")]
     print(f"\nIPVS apply, {SERVICES} services x {BACKENDS} backends, median of {ROUNDS}, "
           f"kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}")
     print(f"{'operation':38} {'ipvslb':>9} {'writes':>7} {'reads':>6} {'ipvsadm':>9}  {'ratio':>6}  ipvsadm command")

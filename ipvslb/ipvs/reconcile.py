@@ -21,21 +21,27 @@ def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
     kernel: every service in the kernel by key; kernel_dests: the destinations by key of
     the desired services that exist in the kernel; owned: keys of services we may delete."""
     ops: list[Op] = []
+    wanted = set()
     for service, dests in desired:
-        current = kernel.get(service.key)
+        key = service.key
+        wanted.add(key)
+        current = kernel.get(key)
         if current is None:
             ops.append(Op("add-service", service))
             ops.extend(Op("add-dest", service, d) for d in dests)
             continue
         if current != service:
             ops.append(Op("edit-service", service))
-        ops.extend(_dest_ops(service, dests, kernel_dests.get(service.key, {})))
-    wanted = {service.key for service, _ in desired}
+        ops.extend(_dest_ops(service, dests, kernel_dests.get(key, {})))
     ops.extend(Op("delete-service", spec) for key, spec in kernel.items() if key in owned and key not in wanted)
     return ops
 
 
 def _dest_ops(service: ServiceSpec, dests: Sequence[DestSpec], current: Mapping[tuple, DestSpec]) -> list[Op]:
+    # The common case, unchanged, compared without a Python-level step per destination:
+    # that is most of what a no-op apply of 10 000 destinations costs.
+    if len(dests) == len(current) and set(dests) == set(current.values()):
+        return []
     ops = []
     found = 0
     for dest in dests:
