@@ -48,6 +48,11 @@ Decisions where health.md is silent:
 - `Established` while suspect resets the failure streak but does not clear suspicion:
   the probe decides (health.md: "A missed deadline only raises suspicion; the probe
   decides"). A successful probe clears the streak too.
+- A confirmation probe that timed out does not quarantine when a client connect to the
+  same backend succeeded meanwhile and took longer than the probe's timeout: the backend
+  became slower, not dead (its history still held the old connect times). It is probed
+  again with a timeout of multiple x that connect time. A blackholed backend has no such
+  success, so its quarantine is not delayed.
 - A guard that blocks a quarantine leaves the backend `suspect` (in rotation) and says
   so once with `QuarantineWithheld`; it is re-probed with backoff and quarantined as soon
   as the guard allows and the probe still fails.
@@ -318,6 +323,10 @@ class _Backend:
     history: _ConnectHistory = field(default_factory=_ConnectHistory)
     streak: int = 0  # consecutive failures without a success
     probe_outstanding: bool = False
+    probe_timeout: float = 0.0
+    # The slowest client connect that succeeded while the probe was out: proof of life
+    # that outranks a probe which simply gave up too early.
+    slow_success_during_probe: float = 0.0
     next_probe_at: float | None = None
     rises: int = 0
     ramp_start: float | None = None
@@ -605,12 +614,14 @@ class ServiceHealth:
     def _note(self, b: _Backend, evidence: str, t: float) -> None:
         b.last_evidence, b.last_evidence_at = evidence, t
 
-    def _probe_now(self, b: _Backend) -> list[Action]:
+    def _probe_now(self, b: _Backend, timeout: float | None = None) -> list[Action]:
         b.next_probe_at = None
         if b.probe_outstanding:
             return []
         b.probe_outstanding = True
-        return [StartProbe(b.key, self._probe_timeout(b))]
+        b.probe_timeout = timeout if timeout is not None else self._probe_timeout(b)
+        b.slow_success_during_probe = 0.0
+        return [StartProbe(b.key, b.probe_timeout)]
 
     def _in_probation(self, b: _Backend, started: float, now: float) -> bool:
         """Probation covers connects started since re-admission, until it ends."""
@@ -699,7 +710,10 @@ class ServiceHealth:
             return []
         # Time the connect on this backend, not since an earlier attempt IPVS rescheduled.
         started_here = pending is not None and pending.backend == ev.backend
-        b.history.add(ev.t - pending.started if started_here else ev.connect_time)
+        connect_time = ev.t - pending.started if started_here else ev.connect_time
+        b.history.add(connect_time)
+        if b.probe_outstanding:
+            b.slow_success_during_probe = max(b.slow_success_during_probe, connect_time)
         return self._success(b, ev.t)
 
     def _on_udp_replied(self, ev: UdpReplied, now: float) -> list[Action]:
@@ -798,6 +812,15 @@ class ServiceHealth:
         return []  # a confirmation probe overtaken by a quarantine on the failure streak
 
     def _confirmation_answered(self, b: _Backend, ok: bool, now: float, evidence: str) -> list[Action]:
+        if not ok and b.slow_success_during_probe > b.probe_timeout:
+            # The backend got slower (a path change, netem in the tests), not dead: a client
+            # connect took longer than the probe was allowed to wait, and succeeded. Ask again,
+            # allowing what the adaptive deadline would allow for that connect time.
+            slow = b.slow_success_during_probe
+            timeout = max(self._probe_timeout(b), self.settings.connect_deadline_multiple * slow)
+            self._note(b, f"{evidence}; but a client connect succeeded in {_ms(slow)}: "
+                          f"probing again with {_ms(timeout)}", now)
+            return self._probe_now(b, timeout)
         if not ok:
             relapse = b.probation_until is not None
             return self._try_quarantine(b, now, evidence, relapse=relapse)

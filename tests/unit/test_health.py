@@ -238,6 +238,33 @@ def test_deadline_adapts_to_a_slow_but_healthy_backend():
     assert h.state(A) is State.HEALTHY
 
 
+def test_backend_that_suddenly_gets_slower_is_probed_again_not_quarantined():
+    h = make_engine()
+    build_history(h, A, 0.0, connect_time=0.001)  # 1 ms history: deadline and probe timeout 200 ms
+    h.feed(ConnectStarted(A, 905, 5.0), 5.0)
+    actions = h.tick(5.2)  # the path is now 300 ms long: the deadline is missed
+    assert only(actions, StartProbe) == [StartProbe(A, pytest.approx(0.2))]
+    h.feed(Established(A, 905, 5.3, 0.3), 5.3)  # the client connect succeeds late
+    actions = probe(h, A, False, 5.4, "timed out")
+    # Not quarantined: asked again, allowing 4 x 300 ms.
+    assert h.state(A) is State.SUSPECT and h.weights()[A] == 10
+    assert only(actions, StartProbe) == [StartProbe(A, pytest.approx(1.2))]
+    assert "client connect succeeded in 300 ms" in h.snapshot()["backends"][0]["last_evidence"]
+    actions = probe(h, A, True, 5.7)
+    assert transitions(actions) == [(A, State.SUSPECT, State.HEALTHY)]
+
+
+def test_a_failed_probe_still_quarantines_when_no_slower_connect_succeeded():
+    h = make_engine()
+    build_history(h, A, 0.0, connect_time=0.001)
+    h.feed(ConnectStarted(A, 906, 5.0), 5.0)
+    h.tick(5.2)
+    h.feed(Established(B, 907, 5.25, 0.01), 5.25)  # another backend's success is no proof
+    connect_ok(h, A, 5.26, connect_time=0.002)      # a fast one that slipped through is not either
+    probe(h, A, False, 5.4, "timed out")
+    assert h.state(A) is State.QUARANTINED
+
+
 def test_deadline_never_below_the_floor():
     h = make_engine(connect_deadline_floor=0.5)
     build_history(h, A, 0.0, connect_time=0.001)
