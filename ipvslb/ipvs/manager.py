@@ -31,6 +31,9 @@ BackendKey = tuple[model.IPAddress, int]
 
 
 class ApplyResult(NamedTuple):
+    """`ops` is the last plan made (after a snapshot proved wrong, the one made from the
+    full read that followed); `writes` counts every netlink write, of all plans."""
+
     ops: list[Op]
     writes: int
     failures: list[Failure]
@@ -86,10 +89,10 @@ class Manager:
         desired = self._desired(services)
         ops, failures, stale = self._reconcile(desired, verify)
         if stale:
-            # A write found its goal already reached: the snapshot was wrong, so what it
-            # planned may be incomplete. Once more from the kernel's own account.
-            more, failures, _ = self._reconcile(desired, verify=True)
-            ops = ops + more
+            # A write planned from the snapshot failed, or found its goal already reached:
+            # the snapshot was wrong, so the plan may be too. Once more from the kernel's
+            # own account; its failures, if any, are the ones that count.
+            ops, failures, _ = self._reconcile(desired, verify=True)
 
         self._services = by_key
         # Forget weights of backends that left the configuration, and those that merely
@@ -119,7 +122,7 @@ class Manager:
         return desired
 
     def _reconcile(self, desired: list, verify: bool) -> tuple[list[Op], list[Failure], bool]:
-        """One plan and its writes; the flag says the snapshot it trusted proved wrong."""
+        """One plan and its writes; the flag says the snapshot it trusted may be wrong."""
         wanted = frozenset(spec.key for spec, _ in desired)
         vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
         # Claim before creating, so that a crash in between cannot leave an unowned service.
@@ -147,7 +150,7 @@ class Manager:
                 state.vips.discard(vip)
         self.ownership.record(wanted | {spec.key for spec in kept}, vips_kept)
         if failures:
-            return ops, failures, False   # the snapshot stays dropped: the next apply verifies
+            return ops, failures, trusted   # the snapshot stays dropped: the next apply verifies
         if trusted and self.ipvs.already_done != already_done:
             return ops, failures, True
         state.record(ops)

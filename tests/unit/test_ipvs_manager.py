@@ -258,12 +258,26 @@ def test_a_failed_write_drops_the_snapshot(world):
     m = start()
     m.apply([WEB])
     original = refuse(kernel, messages.CMD_SET_DEST)
-    with pytest.raises(ApplyError):
+    with pytest.raises(ApplyError) as err:
         m.apply([dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=2), B[2]))])
+    assert m.verifies == 2                          # planned again from a full read, refused again
+    assert [op.kind for op in err.value.result.ops] == ["edit-dest"] and err.value.result.writes == 2
     kernel._change = original
     before = reads(kernel, vips)
     m.apply([WEB])
-    assert reads(kernel, vips) > before and m.verifies == 2
+    assert reads(kernel, vips) > before and m.verifies == 3
+
+
+def test_a_write_failing_on_what_others_removed_is_planned_again_from_the_kernel(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    sid = next(iter(kernel.dests))
+    del kernel.dests[sid][next(iter(kernel.dests[sid]))]   # `ipvsadm -d` of backend 1
+    heavier = dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=2), B[2]))
+    result = m.apply([heavier])                          # edit-dest: ENOENT, then verified
+    assert ([op.kind for op in result.ops], result.writes, result.failures) == (["add-dest"], 2, [])
+    assert weights(kernel) == {(1, 8080): 2, (2, 8080): 1}
 
 
 def test_a_netlink_error_drops_the_snapshot(world):
@@ -291,7 +305,7 @@ def test_a_snapshot_proved_wrong_by_the_kernel_is_replaced_in_the_same_apply(wor
     # Someone adds, by hand, the backend the next configuration adds, with another weight.
     IPVS(sock=kernel, family=FAMILY).add_dest(*_web_with(B[3], weight=9))
     result = m.apply([dataclasses.replace(WEB, backends=(B[1], B[2], B[3]))])
-    assert [op.kind for op in result.ops] == ["add-dest", "edit-dest"]   # EEXIST, then verified
+    assert ([op.kind for op in result.ops], result.writes) == (["edit-dest"], 2)   # EEXIST, then verified
     assert weights(kernel) == {(1, 8080): 1, (2, 8080): 1, (3, 8080): 1}
     assert m.verifies == 2
 
