@@ -153,30 +153,43 @@ class Daemon:
             self._tick_handle = asyncio.get_running_loop().call_at(min(deadlines), self._tick)
 
     def _act(self, svc: health.ServiceHealth, actions: list) -> None:
+        # Weights and probes first, log lines afterwards: under load a log write costs
+        # milliseconds, and the weight change is what the clients are waiting for.
         name = svc.service.name
+        lines: list[tuple] = []
         for action in actions:
             match action:
                 case health.SetWeight(backend, weight, reason):
                     try:
                         self.manager.set_weight(svc.service.key, backend, weight)
                     except (OSError, KeyError) as err:
-                        log.error("%s %s: cannot set weight %d: %s", name, format_endpoint(backend), weight, err)
+                        lines.append((logging.ERROR, "%s %s: cannot set weight %d: %s",
+                                      name, format_endpoint(backend), weight, err))
                     else:
                         self.weight_history[(svc.service.key, backend)].append((time.monotonic(), weight))
-                        log.info("%s %s: weight %d (%s)", name, format_endpoint(backend), weight, reason)
+                        lines.append((logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
+                                      weight, reason))
                 case health.StartProbe(backend, timeout):
                     task = asyncio.get_running_loop().create_task(self._probe(svc, backend, timeout))
                     self._probes.add(task)
                     task.add_done_callback(self._probes.discard)
                 case health.Transition(backend, old, new, evidence):
-                    log.warning("%s %s: %s -> %s: %s", name, format_endpoint(backend), old, new, evidence)
+                    lines.append((logging.WARNING, "%s %s: %s -> %s: %s", name, format_endpoint(backend),
+                                  old, new, evidence))
                 case health.QuarantineWithheld(backend, guard, evidence):
-                    log.warning("%s %s: quarantine withheld by guard (%s): %s", name, format_endpoint(backend),
-                                guard, evidence)
+                    lines.append((logging.WARNING, "%s %s: quarantine withheld by guard (%s): %s", name,
+                                  format_endpoint(backend), guard, evidence))
                 case health.FreezeReported(_, reason):
-                    log.error("%s: quarantines frozen, suspecting this host's own path: %s", name, reason)
+                    lines.append((logging.ERROR, "%s: quarantines frozen, suspecting this host's own path: %s",
+                                  name, reason))
                 case health.FreezeLifted(_, reason):
-                    log.warning("%s: quarantine freeze lifted: %s", name, reason)
+                    lines.append((logging.WARNING, "%s: quarantine freeze lifted: %s", name, reason))
+        if lines:
+            try:
+                # After the probes just created have sent their SYN (call_soon runs in order).
+                asyncio.get_running_loop().call_soon(_emit, lines)
+            except RuntimeError:  # no loop yet (start-up): nothing to wait for
+                _emit(lines)
 
     async def _watch_udp(self) -> None:
         """Feed UDP services with evidence from IPVS's packet counters, once per window."""
@@ -336,6 +349,11 @@ class Daemon:
 
 async def _call(fn):
     return fn()
+
+
+def _emit(lines: list[tuple]) -> None:
+    for level, message, *args in lines:
+        log.log(level, message, *args)
 
 
 def setup_logging(level: str) -> None:

@@ -43,6 +43,11 @@ Decisions where health.md is silent:
 - History samples are the last `CONNECT_HISTORY_SIZE` connect times (p99 by nearest
   rank). The connect time is measured from the connect's start on *this* backend
   (a connect IPVS rescued onto another backend is re-timed from its new CONNECT).
+- A missed deadline never counts toward `failure_threshold`: it only raises suspicion and
+  the probe decides (health.md). Several connects in flight to a backend whose path just
+  got slower all miss the same old deadline before the first late SYN-ACK arrives; counting
+  them would quarantine a healthy backend. A blackholed backend is still out after one
+  deadline plus one probe timeout (2 x 200 ms by default).
 - Probe timeout: the adaptive deadline when trusted; otherwise
   max(1 s, floor, multiple x p99 of whatever connect times were seen).
 - `Established` while suspect resets the failure streak but does not clear suspicion:
@@ -771,7 +776,7 @@ class ServiceHealth:
         return self._failure(ev.backend, ev.t, now, False, f"no UDP reply within {window:g} s{detail}", ev.t)
 
     def _failure(self, key: BackendKey, t: float, now: float, hard: bool, evidence: str,
-                 started: float) -> list[Action]:
+                 started: float, counts_toward_streak: bool = True) -> list[Action]:
         b = self._backends.get(key)
         if b is None or b.state is State.DISABLED:
             return []
@@ -779,16 +784,18 @@ class ServiceHealth:
         self._note(b, evidence, t)
         # Correlation first, so the failure that completes the pattern is already frozen.
         actions = self._note_failure_for_correlation(key, t)
-        return actions + self._judge_failure(b, now, evidence, started)
+        return actions + self._judge_failure(b, now, evidence, started, counts_toward_streak)
 
-    def _judge_failure(self, b: _Backend, now: float, evidence: str, started: float) -> list[Action]:
+    def _judge_failure(self, b: _Backend, now: float, evidence: str, started: float,
+                       counts_toward_streak: bool = True) -> list[Action]:
         if b.state in OUT_OF_ROTATION:
             return []  # already out; the re-admission probes decide
         if self._in_probation(b, started, now):
             return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
         if b.state is State.RAMPING:
             return []  # a connect from before the re-admission
-        b.streak += 1
+        if counts_toward_streak:
+            b.streak += 1
         if b.streak >= self.settings.failure_threshold:
             return self._try_quarantine(b, now, f"{b.streak} consecutive failures, last: {evidence}",
                                         relapse=False)
@@ -876,7 +883,8 @@ class ServiceHealth:
             pending = self._pending[conn]
             pending.judged = True
             evidence = f"no SYN-ACK within {_ms(deadline - pending.started)} (adaptive deadline)"
-            actions += self._failure(pending.backend, deadline, now, False, evidence, pending.started)
+            actions += self._failure(pending.backend, deadline, now, False, evidence, pending.started,
+                                     counts_toward_streak=False)
 
     def _run_timers(self, b: _Backend, now: float) -> list[Action]:
         actions: list[Action] = []

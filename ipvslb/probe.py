@@ -30,7 +30,9 @@ async def probe_tcp(address: IPAddress, port: int, timeout: float) -> ProbeOutco
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (str(address), port)), timeout)
+        # asyncio.timeout, not wait_for: no extra task between the SYN and the answer.
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (str(address), port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         return ProbeOutcome(True, "connected", time.monotonic() - started)
     except asyncio.TimeoutError:
@@ -52,7 +54,8 @@ async def probe_udp(address: IPAddress, port: int, timeout: float, payload: byte
     try:
         sock.connect((str(address), port))
         sock.send(payload)
-        await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout)
+        async with asyncio.timeout(timeout):
+            await loop.sock_recv(sock, 65535)
         return ProbeOutcome(True, "reply", time.monotonic() - started)
     except asyncio.TimeoutError:
         return ProbeOutcome(True, "no reply, no ICMP error", time.monotonic() - started)

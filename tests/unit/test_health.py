@@ -254,6 +254,21 @@ def test_backend_that_suddenly_gets_slower_is_probed_again_not_quarantined():
     assert transitions(actions) == [(A, State.SUSPECT, State.HEALTHY)]
 
 
+def test_missed_deadlines_in_flight_do_not_add_up_to_a_quarantine():
+    h = make_engine()  # failure_threshold 3
+    build_history(h, A, 0.0, connect_time=0.001)
+    for i, t in enumerate((5.0, 5.06, 5.12, 5.18)):
+        h.feed(ConnectStarted(A, 910 + i, t), t)
+    h.tick(5.2)
+    h.tick(5.26)
+    h.tick(5.32)
+    h.tick(5.38)
+    assert h.state(A) is State.SUSPECT and h.weights()[A] == 10
+    # A blackhole: no late success, the probe times out and decides.
+    probe(h, A, False, 5.4, "no answer within 200 ms")
+    assert h.state(A) is State.QUARANTINED
+
+
 def test_a_failed_probe_still_quarantines_when_no_slower_connect_succeeded():
     h = make_engine()
     build_history(h, A, 0.0, connect_time=0.001)
@@ -296,7 +311,7 @@ def test_one_connection_counts_one_failure():
     h.feed(ResetInSynSent(A, 905, 6.5), 6.5)
     counters = h.snapshot()["backends"][0]["counters"]
     assert (counters["soft_failures"], counters["hard_failures"]) == (1, 0)
-    assert h.snapshot()["backends"][0]["failure_streak"] == 1
+    assert h.snapshot()["backends"][0]["failure_streak"] == 0  # a missed deadline: the probe decides
 
 
 def test_connect_rescheduled_by_ipvs_is_timed_on_its_new_backend():
