@@ -89,3 +89,20 @@ lint-ansible: ansible-venv
 # not part of `make check`. `make test-molecule MOLECULE_SCENARIOS=kernel-6.1` for one.
 test-molecule: ansible-venv venv apt-repo
 	for s in $(MOLECULE_SCENARIOS); do PATH=$(ANSIBLE_BIN):$$PATH molecule test -s $$s || exit 1; done
+
+# --- Benchmarks (scripts that print tables, not tests; README.md#measurements quotes them).
+.PHONY: bench-failover bench-tracer bench-ipvs
+BENCH_KERNEL ?= 6.12
+
+bench-failover: venv
+	command -v keepalived >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q keepalived)
+	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
+	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/failover.py"
+
+bench-tracer: venv
+	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
+	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/tracer_overhead.py"
+
+bench-ipvs: venv
+	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
+	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/ipvs_apply.py"
