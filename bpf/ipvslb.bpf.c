@@ -111,6 +111,9 @@ BPF_TABLE("lru_hash", struct tuple, u64, socks, CAPACITY);
 // in the same thread while the first SYN goes out, completes the tuple through this map.
 BPF_TABLE("lru_hash", u64, u64, connecting, 4096);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+// options[0] = 1: report CLOSED after established. Off by default: health needs no closes,
+// and forgetting a connection once it is established halves the records and map work.
+BPF_ARRAY(options, u32, 1);
 BPF_PERCPU_ARRAY(scratch, struct record, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
@@ -206,6 +209,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             r->connect_ns = r->ts - c->start_ns;
             emit(r);
         }
+        int zero = 0;
+        u32 *report_closed = options.lookup(&zero);
+        if (!report_closed || !*report_closed)
+            forget(sock, c);
     } else if (args->newstate == TCP_CLOSE) {
         // After a RST the RESET record already ended this connect attempt.
         if (!c->reset) {

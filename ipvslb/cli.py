@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ipvslb import __version__
@@ -108,7 +109,9 @@ def _events(args: argparse.Namespace) -> int:
         vips = [(s.protocol, s.vip, s.port) for s in cfg.services]
         settings = cfg.settings.tracer
     try:
-        t = tracer.Tracer(settings or tracer.TracerSettings(), use_kprobe=not args.no_kprobe)
+        # An operator watching wants every close too, whatever the daemon's setting.
+        settings = dataclasses.replace(settings or tracer.TracerSettings(), report_closed=True)
+        t = tracer.Tracer(settings, use_kprobe=not args.no_kprobe)
     except tracer.TracerUnavailable as err:
         print(f"ipvslb: {err}", file=sys.stderr)
         return 1

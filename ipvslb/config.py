@@ -459,6 +459,7 @@ _TRACER = {
     # BPF map sizes are u32; the ring buffer is rounded up to a power of two pages.
     "connection_capacity": _integer(1, 2**32 - 1),
     "ring_buffer_pages": _integer(1, 2**20),
+    "report_closed": _boolean(),
 }
 
 _SETTINGS = {

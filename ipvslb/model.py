@@ -96,6 +96,7 @@ class Sysctls:
 class TracerSettings:
     connection_capacity: int = 65536
     ring_buffer_pages: int = 64
+    report_closed: bool = False
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class Tracer:
             self.use_conntable()
         self._pending: list[ConnEvent] = []
         self.bpf["records"].open_ring_buffer(self._on_record)
+        self.set_report_closed(settings.report_closed)
         self._vips: set[bytes] = set()
 
     def _attach_kprobe(self) -> None:
@@ -114,6 +115,10 @@ class Tracer:
             batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
                      for e in batch]
         return batch
+
+    def set_report_closed(self, on: bool) -> None:
+        """Whether connections stay tracked after establishment to report their close."""
+        self.bpf["options"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
 
     def lost_records(self) -> int:
         return int(self.bpf["lost"].sum(0).value)

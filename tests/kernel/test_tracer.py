@@ -55,6 +55,24 @@ def test_connection_to_an_unmanaged_address_produces_no_record(traced, topo):
     assert records_for(traced, port) == []
 
 
+def test_by_default_an_established_connection_is_forgotten_and_its_close_not_reported(traced, topo):
+    """report_closed off (the daemon's default): two records per connect, nothing left tracked."""
+    b = topo.backends[0]
+    add_service(topo, VIP4, [b])
+    traced.set_report_closed(False)
+    try:
+        tracked_before = traced.tracked_connections()  # other tests' sockets may still be open
+        s = open_socket(VIP4)
+        s.connect((VIP4, PORT))
+        port = s.getsockname()[1]
+        assert [e.kind for e in records_for(traced, port)] == [Kind.CONNECT, Kind.ESTABLISHED]
+        assert traced.tracked_connections() == tracked_before
+        s.close()
+        assert records_for(traced, port) == []
+    finally:
+        traced.set_report_closed(True)
+
+
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
 @pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
 def test_accepted_connect_is_recorded_with_its_backend(traced, topo, vip, attribution):
