@@ -170,7 +170,9 @@ class Daemon:
                         lines.append((logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
                                       weight, reason))
                 case health.StartProbe(backend, timeout):
-                    task = asyncio.get_running_loop().create_task(self._probe(svc, backend, timeout))
+                    # A TCP probe's SYN leaves now; the task only collects the answer.
+                    started = probe.TcpProbe(*backend) if svc.service.protocol == "tcp" else None
+                    task = asyncio.get_running_loop().create_task(self._probe(svc, backend, timeout, started))
                     self._probes.add(task)
                     task.add_done_callback(self._probes.discard)
                 case health.Transition(backend, old, new, evidence):
@@ -213,8 +215,12 @@ class Daemon:
                 previous[svc.service.key] = current
             self._schedule_tick()
 
-    async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float) -> None:
-        outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout)
+    async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float,
+                     started: probe.TcpProbe | None) -> None:
+        if started is not None:
+            outcome = await started.result(timeout)
+        else:
+            outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout)
         if self.health.get(svc.service.key) is not svc:
             return  # the service was reloaded away while the probe ran
         now = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -23,24 +24,63 @@ def _family(address: IPAddress) -> int:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
+class TcpProbe:
+    """A full TCP handshake to the backend, closed at once with RST so it keeps no TIME_WAIT.
+
+    The SYN leaves when the object is made, not when an event loop next gets round to it:
+    the daemon makes the probe in the same step that decided it. A refusal from a backend
+    on a local link is often back before connect() returns, so it is looked for at once."""
+
+    def __init__(self, address: IPAddress, port: int):
+        self.started = time.monotonic()
+        self.sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.outcome: ProbeOutcome | None = None
+        err = self.sock.connect_ex((str(address), port))
+        if err == 0:
+            self._done(True, "connected")
+        elif err != errno.EINPROGRESS:
+            self._done(False, _describe(OSError(err, os.strerror(err))))
+        else:
+            self._check()
+
+    def _done(self, ok: bool, detail: str) -> None:
+        self.outcome = ProbeOutcome(ok, detail, time.monotonic() - self.started)
+
+    def _check(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        if poller.poll(0):
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._done(False, _describe(OSError(err, os.strerror(err))))
+            else:
+                self._done(True, "connected")
+
+    async def result(self, timeout: float) -> ProbeOutcome:
+        try:
+            if self.outcome is None:
+                loop = asyncio.get_running_loop()
+                writable = loop.create_future()
+                loop.add_writer(self.sock, lambda: writable.done() or writable.set_result(None))
+                try:
+                    async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - self.started))):
+                        await writable
+                except TimeoutError:
+                    self._done(False, f"no answer within {timeout * 1000:.0f} ms")
+                finally:
+                    loop.remove_writer(self.sock)
+                if self.outcome is None:
+                    self._check()
+            if self.outcome is not None and self.outcome.ok:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return self.outcome or ProbeOutcome(False, "no answer", time.monotonic() - self.started)
+        finally:
+            self.sock.close()
+
+
 async def probe_tcp(address: IPAddress, port: int, timeout: float) -> ProbeOutcome:
-    """A full TCP handshake, closed at once with RST so the backend keeps no TIME_WAIT."""
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    sock = socket.socket(_family(address), socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        # asyncio.timeout, not wait_for: no extra task between the SYN and the answer.
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (str(address), port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        return ProbeOutcome(True, "connected", time.monotonic() - started)
-    except asyncio.TimeoutError:
-        return ProbeOutcome(False, f"no answer within {timeout * 1000:.0f} ms", time.monotonic() - started)
-    except OSError as err:
-        return ProbeOutcome(False, _describe(err), time.monotonic() - started)
-    finally:
-        sock.close()
+    return await TcpProbe(address, port).result(timeout)
 
 
 async def probe_udp(address: IPAddress, port: int, timeout: float, payload: bytes = b"\n") -> ProbeOutcome:
