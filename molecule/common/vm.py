@@ -13,7 +13,8 @@ Called by create.yml and destroy.yml. What is reused rather than rewritten:
   headers, virtme-ng's key in root's authorized_keys) and knows virtme-ng's client key.
 Each `up` copies that root to .cache/roots/molecule-<name> (kernel modules and headers,
 never written, as hard links) so a run always starts from a clean system; `down` removes
-the copy. Processes run in their own sessions and are recorded in the state file, so
+the copy. `up` waits for the test bed's VM lock (.cache/results/.vm.lock) and gives it to
+the VM, so no other test-bed VM runs from `create` until `destroy`. Processes run in their own sessions and are recorded in the state file, so
 `down` stops exactly those.
 """
 from __future__ import annotations
@@ -121,6 +122,10 @@ def up(args: argparse.Namespace) -> int:
     logs = kernels.CACHE / "results" / f"molecule-{args.name}"  # kept after `down`
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
+    # The test bed's one-VM-at-a-time lock (.cache/results/.vm.lock, the file run_vm.py and
+    # vm-install-test take), taken before the ports are picked and handed to vng: the VM
+    # holds it from `create` until `destroy` stops it, however long Molecule takes between.
+    lock = pkgtest.vm_lock()
     http_port, ssh_port = free_port(), free_port()
     http = subprocess.Popen([sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1",
                              "--directory", str(repo.resolve())], stdin=subprocess.DEVNULL,
@@ -131,7 +136,9 @@ def up(args: argparse.Namespace) -> int:
                            "-m", args.memory, "--cpus", str(args.cpus), "--systemd",
                            "--ssh", str(ssh_port), "--ssh-tcp", "--user", "root"],
                           stdin=subprocess.DEVNULL, stdout=(logs / "vng.log").open("w"),
-                          stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+                          stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
+                          pass_fds=(lock.fileno(),))
+    lock.close()  # the VM's copy of the descriptor keeps the lock
     state = {"instance": args.name, "address": "127.0.0.1", "user": "root", "port": ssh_port,
              "identity_file": str(identity), "http_port": http_port, "repo_url": f"http://10.0.2.2:{http_port}",
              "vm_pid": vm.pid, "http_pid": http.pid, "root": str(root), "kernel": args.kernel,
