@@ -158,7 +158,7 @@ def run_checker(checker: str, start, topo, workdir: Path) -> list[dict]:
         for fault, backend in (("refused", backends[0]), ("blackholed", backends[1])):
             endpoint = f"{backend.v4}:{backend.port}"
             t_fault = time.monotonic()
-            backend.set_mode("refuse" if fault == "refused" else fault)
+            backend.set_mode({"refused": "refuse", "blackholed": "blackhole"}[fault])
             time.sleep(FAULT)
             t_repair = time.monotonic()
             backend.set_mode("accept")
