@@ -199,6 +199,49 @@ def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fail
     b.set_mode("accept")
 
 
+def test_blackholed_backend_without_history_is_out_by_its_first_syn_retransmit_plus_one_probe(
+        fresh, _session_topology):
+    # A restart forgets every connect history: the deadline is not trusted yet, so the first
+    # SYN retransmit (1 s) is the soft signal, then the probe (timeout 1 s) or the failure
+    # streak decides.
+    fresh.kill(signal.SIGKILL)
+    fresh.start()
+    b = _session_topology.backends[1]
+    assert fresh.backends()[endpoint(b)]["connect_deadline"] is None
+    b.set_mode("blackhole")
+    fault = time.monotonic()
+    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
+    client.start()
+    row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 15, "weight 0")
+    out_at = first_weight(row, lambda w: w == 0, fault)
+    time.sleep(4)
+    client.stop()
+    first_syn = min(a.started for a in client.attempts if a.started >= fault and (not a.ok or a.elapsed > 0.5))
+    failed = [a for a in client.attempts if not a.ok]
+    print(f"blackholed without history: weight 0 {(out_at - first_syn) * 1000:.0f} ms after the first connect "
+          f"to it started; {len(failed)} of {len(client.attempts)} connects failed (3 s timeout)")
+    assert out_at - first_syn < 1.0 + 1.0 + 0.3  # first retransmit + one probe timeout + processing
+    b.set_mode("accept")
+
+
+def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh, _session_topology):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen("http://127.0.0.1:9743/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    backend = {("service", "web"), ("backend", endpoint(_session_topology.backends[0]))}
+    assert samples[("ipvslb_backend_weight", frozenset(backend))] == WEIGHT
+    assert samples[("ipvslb_backend_state", frozenset(backend | {("state", "healthy")}))] == 1
+    assert samples[("ipvslb_backend_state", frozenset(backend | {("state", "quarantined")}))] == 0
+    assert samples[("ipvslb_tracer_lost_records_total", frozenset())] == 0
+    assert samples[("ipvslb_tracer_records_total", frozenset({("kind", "established")}))] > 0
+    assert samples[("ipvslb_reconcile_runs_total", frozenset())] >= 1
+
+
 def test_all_backends_refusing_quarantines_at_most_half_and_reports_the_freeze(fresh, _session_topology):
     client = ClientLoop(VIP, PORT, rate=50, timeout=3)
     client.start()
