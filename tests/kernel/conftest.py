@@ -92,17 +92,17 @@ def ipvsadm(*args: str) -> str:
 
 SMOKE_BPF = r"""
 #include <uapi/linux/ptrace.h>
-struct smoke_event { u64 ts; u32 kind; u32 port; };
+struct smoke_event { u64 ts; u32 kind; u16 port; u16 sport; };
 BPF_RINGBUF_OUTPUT(events, 8);
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
-    struct smoke_event e = {bpf_ktime_get_ns(), 1, args->dport};
+    struct smoke_event e = {bpf_ktime_get_ns(), 1, args->dport, args->sport};
     events.ringbuf_output(&e, sizeof(e), 0);
     return 0;
 }
 
 int kprobe__ip_vs_conn_new(struct pt_regs *ctx, void *param, int dest_af, void *daddr, u16 dport) {
-    struct smoke_event e = {bpf_ktime_get_ns(), 2, bpf_ntohs(dport)};
+    struct smoke_event e = {bpf_ktime_get_ns(), 2, bpf_ntohs(dport), 0};
     events.ringbuf_output(&e, sizeof(e), 0);
     return 0;
 }
@@ -125,11 +125,13 @@ class SmokeProbe:
 
     def _on_event(self, ctx, data, size):
         e = self.bpf["events"].event(data)
-        self.events.append((self.KINDS[e.kind], e.ts / 1e9, e.port))
+        self.events.append((self.KINDS[e.kind], e.ts / 1e9, e.port, e.sport))
 
-    def drain(self, since: float) -> list[tuple[str, float, int]]:
+    def drain(self, since: float, sport: int | None = None) -> list[tuple[str, float, int]]:
+        """(kind, time, port) since `since`; with `sport`, only that client socket's retransmits
+        (connects left over from earlier tests may still be retransmitting to the same VIP)."""
         self.bpf.ring_buffer_consume()
-        return [e for e in self.events if e[1] >= since]
+        return [e[:3] for e in self.events if e[1] >= since and (sport is None or e[3] == sport)]
 
 
 @pytest.fixture(scope="session")
