@@ -5,13 +5,16 @@ Runs inside a VM (it needs IPVS and BPF):
     testbed/run_vm.py --kernels 6.12 --exec "python3 bench/tracer_overhead.py"
 
 A separate client process makes the connects while this process consumes the tracer's
-records, as the daemon would. The tracer is compiled once; its hooks are detached and re-attached between rounds so that
-"with" and "without" alternate in one run on the same machine (this host is noisy).
+records, as the daemon would (reading again within the wakeup interval while records flow).
+The tracer is compiled once; its hooks are detached and re-attached between cells so that
+"with" and "without" alternate in one run on the same machine (this host is noisy), and
+the order of the cells is reversed every other round so that drift favours none of them.
 """
 from __future__ import annotations
 
 import ipaddress
 import multiprocessing
+import os
 import socket
 import struct
 import subprocess
@@ -24,7 +27,7 @@ from ipvslb.model import TracerSettings  # noqa: E402
 from ipvslb.tracer import KPROBE, Tracer  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 
-VIP, PORT, ROUNDS, SECONDS = "10.90.0.1", 80, 3, 5.0
+VIP, PORT, ROUNDS, SECONDS = "10.90.0.1", 80, 4, 4.0
 TRACEPOINTS = [(b"sock:inet_sock_set_state", b"tracepoint__sock__inet_sock_set_state"),
                (b"tcp:tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_skb"),
                (b"tcp:tcp_receive_reset", b"tracepoint__tcp__tcp_receive_reset")]
@@ -50,9 +53,12 @@ def connect_rate(seconds: float, tracer: Tracer | None, consume: bool = True) ->
     client = multiprocessing.Process(target=client_loop, args=(seconds, sender))
     client.start()
     events = 0
+    wait_ms = 100
     while client.is_alive():
         if tracer and consume:
-            events += len(tracer.read(timeout_ms=100))
+            batch = tracer.read(timeout_ms=wait_ms)
+            events += len(batch)
+            wait_ms = max(1, round(tracer.wakeup_interval * 1000)) if batch else 100
         else:
             client.join(0.1)
     client.join()
@@ -86,28 +92,48 @@ def main() -> None:
     tracer.set_vips([("tcp", ipaddress.ip_address(VIP), PORT)])
     set_attached(tracer, False)
     rows = []
+
+    interval = tracer.wakeup_interval
+
+    def untraced() -> tuple[float, int]:
+        return connect_rate(SECONDS, None)
+
+    def traced(consume: bool, wakeup_interval: float = interval) -> tuple[float, int]:
+        tracer.set_wakeup_interval(wakeup_interval)
+        set_attached(tracer, True)
+        try:
+            return connect_rate(SECONDS, tracer, consume)
+        finally:
+            set_attached(tracer, False)
+            tracer.read()
+
+    # no tracer | kernel side only | tracer + consumer | tracer + consumer woken per record
+    cells = [untraced, lambda: traced(False), lambda: traced(True), lambda: traced(True, 0.0)]
     try:
         for round_ in range(1, ROUNDS + 1):
-            without, _ = connect_rate(SECONDS, None)
-            set_attached(tracer, True)
-            kernel_only, _ = connect_rate(SECONDS, tracer, consume=False)
-            with_, events = connect_rate(SECONDS, tracer)
-            set_attached(tracer, False)
-            rows.append((round_, without, kernel_only, with_, events))
+            order = range(len(cells)) if round_ % 2 else reversed(range(len(cells)))
+            measured = {i: cells[i]() for i in order}
+            rows.append((round_, *(measured[i][0] for i in range(len(cells))), measured[2][1]))
     finally:
         lost = tracer.lost_records()
         tracer.close()
         topology.sh("ipvsadm", "-C")
         topo.teardown()
-    print(f"\nshort TCP connects through an IPVS VIP, {SECONDS:.0f} s per cell, kernel {__import__('os').uname().release}")
-    print(f"{'round':>5} | {'no tracer /s':>12} | {'tracer, kernel side /s':>22} | {'ratio':>6} | "
-          f"{'tracer + consumer /s':>20} | {'ratio':>6} | {'records':>7}")
-    for round_, without, kernel_only, with_, events in rows:
-        print(f"{round_:>5} | {without:>12.0f} | {kernel_only:>22.0f} | {kernel_only / without:>6.1%} | "
-              f"{with_:>20.0f} | {with_ / without:>6.1%} | {events:>7}")
-    sums = [sum(r[i] for r in rows) for i in (1, 2, 3)]
-    print(f"{'all':>5} | {sums[0] / ROUNDS:>12.0f} | {sums[1] / ROUNDS:>22.0f} | {sums[1] / sums[0]:>6.1%} | "
-          f"{sums[2] / ROUNDS:>20.0f} | {sums[2] / sums[0]:>6.1%} |")
+    print(f"\nshort TCP connects through an IPVS VIP, {SECONDS:.0f} s per cell, kernel {os.uname().release}, "
+          f"wakeup interval {interval * 1000:g} ms")
+    heads = ["no tracer /s", "tracer, kernel side /s", "ratio", "tracer + consumer /s", "ratio",
+             "woken per record /s", "ratio", "records"]
+    print("| round | " + " | ".join(heads) + " |")
+    print("|---" * (len(heads) + 1) + "|")
+
+    def line(label: str, base: float, kernel: float, consumer: float, per_record: float, extra: str) -> None:
+        print(f"| {label} | {base:.0f} | {kernel:.0f} | {kernel / base:.1%} | {consumer:.0f} | "
+              f"{consumer / base:.1%} | {per_record:.0f} | {per_record / base:.1%} | {extra} |")
+
+    for round_, base, kernel, consumer, per_record, records in rows:
+        line(str(round_), base, kernel, consumer, per_record, str(records))
+    means = [sum(r[i] for r in rows) / len(rows) for i in (1, 2, 3, 4)]
+    line("mean", *means, "")
     print(f"lost records: {lost}")
 
 

@@ -74,15 +74,13 @@ struct backend {
 
 struct conn {
     u64 start_ns;
+    u32 tid;              // the thread that started the connect (checked by the kprobe)
+    u32 retransmits;
     struct tuple tuple;
     struct backend backend;
-    u32 retransmits;
     u8 reset;
     u8 established;
-    // IPVS moved this connect to another backend (expire_nodest_conn) while resending its
-    // SYN: that resend is the new backend's first SYN, not a retransmit against it.
-    u8 rescheduled;
-    u8 pad;
+    u8 pad[6];
 };
 
 // Fixed layout decoded by ipvslb/tracer.py (struct format "<QQQ16s16s16sHHHHBBBBI").
@@ -106,33 +104,51 @@ struct record {
 
 BPF_HASH(vips, struct vip_key, u8, 4096);
 BPF_TABLE("lru_hash", u64, struct conn, conns, CAPACITY);
-BPF_TABLE("lru_hash", struct tuple, u64, socks, CAPACITY);
 // The client port is not assigned yet when a socket enters SYN_SENT; the kprobe, which runs
-// in the same thread while the first SYN goes out, completes the tuple through this map.
-BPF_TABLE("lru_hash", u64, u64, connecting, 4096);
+// in the same thread while the first SYN goes out, finds the socket here. An array slot per
+// thread (by thread id modulo the size) rather than a hash entry: it is written and read
+// once per connect, and a plain store is far cheaper than a hash update and delete. A slot
+// two threads share is caught by the thread id kept in the connection.
+#define CONNECTING_SLOTS 4096
+BPF_ARRAY(connecting, u64, CONNECTING_SLOTS);
+// IPVS choices for TCP tuples with no connect waiting in `connecting`: a SYN retransmit
+// that IPVS rescheduled to another backend (expire_nodest_conn), or a connection the
+// tracer did not see start. The next event of a connection that has retransmitted claims it.
+BPF_TABLE("lru_hash", struct tuple, struct backend, unclaimed, 1024);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 // options[0] = 1: report CLOSED after established. Off by default: health needs no closes,
 // and forgetting a connection once it is established halves the records and map work.
-BPF_ARRAY(options, u32, 1);
-BPF_PERCPU_ARRAY(scratch, struct record, 1);
+// options[1] = wakeup interval in microseconds, 0 = wake the reader for every record. Routine
+// records (connect, established, closed) wake the reader at most once per interval, and the
+// reader drains on a timer while records keep coming: a wakeup per record would cost the
+// traced host a context switch per connect. Failure evidence always wakes the reader.
+#define OPT_REPORT_CLOSED 0
+#define OPT_WAKEUP_INTERVAL_US 1
+BPF_ARRAY(options, u32, 2);
+BPF_ARRAY(last_wakeup, u64, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
-static __always_inline void emit(struct record *r) {
-    if (records.ringbuf_output(r, sizeof(*r), 0) != 0) {
-        int zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            (*n)++;
-    }
+static __always_inline u32 option(int index) {
+    u32 *value = options.lookup(&index);
+    return value ? *value : 0;
 }
 
-static __always_inline struct record *new_record(u8 kind, u64 sock, struct conn *c) {
+static __always_inline void count_lost(void) {
     int zero = 0;
-    struct record *r = scratch.lookup(&zero);
-    if (!r)
+    u64 *n = lost.lookup(&zero);
+    if (n)
+        (*n)++;
+}
+
+// Reserves a record in the ring buffer (no copy through a scratch buffer); commit() sends it.
+static __always_inline struct record *new_record(u8 kind, u64 sock, struct conn *c, u64 now) {
+    struct record *r = records.ringbuf_reserve(sizeof(struct record));
+    if (!r) {
+        count_lost();
         return 0;
+    }
     __builtin_memset(r, 0, sizeof(*r));
-    r->ts = bpf_ktime_get_ns();
+    r->ts = now;
     r->kind = kind;
     r->sock = sock;
     if (c) {
@@ -146,8 +162,30 @@ static __always_inline struct record *new_record(u8 kind, u64 sock, struct conn 
         r->family = c->tuple.family;
         r->protocol = c->tuple.protocol;
         r->retransmits = c->retransmits;
+        r->connect_ns = now - c->start_ns;
     }
     return r;
+}
+
+static __always_inline void commit(struct record *r, int urgent) {
+    u64 flags = 0;
+    u32 interval_us = option(OPT_WAKEUP_INTERVAL_US);
+    if (interval_us) {
+        int zero = 0;
+        u64 *last = last_wakeup.lookup(&zero);
+        flags = BPF_RB_NO_WAKEUP;
+        if (last && (urgent || r->ts - *last >= (u64)interval_us * 1000)) {
+            *last = r->ts;
+            flags = BPF_RB_FORCE_WAKEUP;
+        }
+    }
+    records.ringbuf_submit(r, flags);
+}
+
+static __always_inline void report(u8 kind, u64 sock, struct conn *c, int urgent) {
+    struct record *r = new_record(kind, sock, c, bpf_ktime_get_ns());
+    if (r)
+        commit(r, urgent);
 }
 
 // Two 8-byte words, not a loop over bytes: LLVM 19 (Debian 13's bcc) turned that loop into
@@ -161,9 +199,22 @@ static __always_inline int same_addr(const u8 *a, const u8 *b) {
     return ((a0 ^ b0) | (a1 ^ b1)) == 0;
 }
 
-static __always_inline void forget(u64 sock, struct conn *c) {
-    socks.delete(&c->tuple);
-    conns.delete(&sock);
+// IPVS's choice for a connection the kprobe could not match with its socket: a SYN
+// retransmit that IPVS moved to another backend, or (rarely) a connect whose thread slot was
+// taken. Only connections that retransmitted or lack a backend look here, so the common
+// path pays nothing. Returns whether a choice was claimed.
+static __always_inline int claim_backend(u64 sock, struct conn *c) {
+    if (!c->retransmits && c->backend.family)
+        return 0;
+    struct backend *chosen = unclaimed.lookup(&c->tuple);
+    if (!chosen)
+        return 0;
+    c->backend = *chosen;
+    c->retransmits = 0;
+    unclaimed.delete(&c->tuple);
+    // The connect is timed again on its new backend, from now.
+    report(CONNECT, sock, c, 0);
+    return 1;
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
@@ -186,43 +237,35 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         }
         if (!vips.lookup(&key))
             return 0;
+        u64 tid = bpf_get_current_pid_tgid();
         c.start_ns = bpf_ktime_get_ns();
+        c.tid = (u32)tid;
         __builtin_memcpy(c.tuple.vaddr, key.addr, 16);
         c.tuple.cport = args->sport;
         c.tuple.vport = args->dport;
         c.tuple.protocol = PROTO_TCP;
         c.tuple.family = args->family;
         conns.update(&sock, &c);
-        u64 tid = bpf_get_current_pid_tgid();
-        connecting.update(&tid, &sock);
+        u32 slot = (u32)tid % CONNECTING_SLOTS;
+        connecting.update(&slot, &sock);
         return 0;
     }
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;
     c->tuple.cport = args->sport;
-    struct record *r;
+    if (!c->established)
+        claim_backend(sock, c);
     if (args->newstate == TCP_ESTABLISHED && !c->established) {
         c->established = 1;
-        r = new_record(ESTABLISHED, sock, c);
-        if (r) {
-            r->connect_ns = r->ts - c->start_ns;
-            emit(r);
-        }
-        int zero = 0;
-        u32 *report_closed = options.lookup(&zero);
-        if (!report_closed || !*report_closed)
-            forget(sock, c);
+        report(ESTABLISHED, sock, c, 0);
+        if (!option(OPT_REPORT_CLOSED))
+            conns.delete(&sock);
     } else if (args->newstate == TCP_CLOSE) {
         // After a RST the RESET record already ended this connect attempt.
-        if (!c->reset) {
-            r = new_record(c->established ? CLOSED : CLOSED_SYN_SENT, sock, c);
-            if (r) {
-                r->connect_ns = r->ts - c->start_ns;
-                emit(r);
-            }
-        }
-        forget(sock, c);
+        if (!c->reset)
+            report(c->established ? CLOSED : CLOSED_SYN_SENT, sock, c, !c->established);
+        conns.delete(&sock);
     }
     return 0;
 }
@@ -233,16 +276,10 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     if (!c || c->established)
         return 0;
     c->tuple.cport = args->sport;
-    if (c->rescheduled) {
-        c->rescheduled = 0;
-        return 0;
-    }
+    if (claim_backend(sock, c))
+        return 0;  // this resend is the new backend's first SYN, not a retransmit against it
     c->retransmits++;
-    struct record *r = new_record(SYN_RETRANSMIT, sock, c);
-    if (r) {
-        r->connect_ns = r->ts - c->start_ns;
-        emit(r);
-    }
+    report(SYN_RETRANSMIT, sock, c, 1);
     return 0;
 }
 
@@ -252,12 +289,9 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
     if (!c || c->established)
         return 0;
     c->tuple.cport = args->sport;
+    claim_backend(sock, c);
     c->reset = 1;
-    struct record *r = new_record(RESET, sock, c);
-    if (r) {
-        r->connect_ns = r->ts - c->start_ns;
-        emit(r);
-    }
+    report(RESET, sock, c, 1);
     return 0;
 }
 
@@ -267,6 +301,7 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
                          const union nf_inet_addr *daddr, __be16 dport, unsigned int flags) {
     if (flags & IP_VS_CONN_F_TEMPLATE)
         return 0;
+    u64 now = bpf_ktime_get_ns();
     struct ip_vs_conn_param param = {};
     bpf_probe_read_kernel(&param, sizeof(param), p);
     struct tuple t = {};
@@ -282,14 +317,6 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     t.protocol = param.protocol;
     t.family = param.af;
 
-    struct vip_key key = {};
-    __builtin_memcpy(key.addr, t.vaddr, 16);
-    key.port = t.vport;
-    key.protocol = t.protocol;
-    key.family = t.family;
-    if (!vips.lookup(&key))
-        return 0;
-
     struct backend b = {};
     if (dest_af == AF_INET)
         bpf_probe_read_kernel(b.addr, 4, daddr);
@@ -298,53 +325,47 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     b.port = bpf_ntohs(dport);
     b.family = dest_af;
 
-    u64 zero_sock = 0, sock = 0;
-    struct conn *c = 0;
-    u64 *known = socks.lookup(&t);  // a SYN retransmit that IPVS rescheduled
-    if (known) {
-        sock = *known;
-        c = conns.lookup(&sock);
-        if (c) {
-            c->retransmits = 0;
-            c->rescheduled = 1;
-        }
-    } else {
-        u64 tid = bpf_get_current_pid_tgid();
-        u64 *started = connecting.lookup(&tid);
-        if (started) {
-            sock = *started;
-            connecting.delete(&tid);
-            c = conns.lookup(&sock);
-            if (c && (c->tuple.vport != t.vport || !same_addr(c->tuple.vaddr, t.vaddr)))
-                c = 0;
-            if (c) {
-                c->tuple.cport = t.cport;
-                socks.update(&c->tuple, &sock);
-            }
+    // The common case: this thread's connect, which entered SYN_SENT a moment ago.
+    u64 tid = bpf_get_current_pid_tgid();
+    u32 slot = (u32)tid % CONNECTING_SLOTS;
+    u64 *waiting = connecting.lookup(&slot);
+    if (waiting && *waiting && t.protocol == PROTO_TCP) {
+        u64 sock = *waiting;
+        struct conn *c = conns.lookup(&sock);
+        if (c && c->tid == (u32)tid && !c->backend.family && c->tuple.vport == t.vport &&
+            same_addr(c->tuple.vaddr, t.vaddr)) {
+            *waiting = 0;
+            c->tuple.cport = t.cport;
+            c->backend = b;
+            struct record *r = new_record(CONNECT, sock, c, now);
+            if (r)
+                commit(r, 0);
+            return 0;
         }
     }
-    struct record *r;
-    if (c) {
-        c->backend = b;
-        r = new_record(CONNECT, sock, c);
-        if (r)
-            r->connect_ns = r->ts - c->start_ns;
-    } else {
-        // UDP, or a connection we did not see start: report the tuple as IPVS knows it.
-        r = new_record(BACKEND, zero_sock, 0);
-        if (r) {
-            __builtin_memcpy(r->caddr, t.caddr, 16);
-            __builtin_memcpy(r->vaddr, t.vaddr, 16);
-            __builtin_memcpy(r->baddr, b.addr, 16);
-            r->cport = t.cport;
-            r->vport = t.vport;
-            r->bport = b.port;
-            r->bfamily = b.family;
-            r->family = t.family;
-            r->protocol = t.protocol;
-        }
-    }
-    if (r)
-        emit(r);
+
+    struct vip_key key = {};
+    __builtin_memcpy(key.addr, t.vaddr, 16);
+    key.port = t.vport;
+    key.protocol = t.protocol;
+    key.family = t.family;
+    if (!vips.lookup(&key))
+        return 0;
+    if (t.protocol == PROTO_TCP)
+        unclaimed.update(&t, &b);
+    // UDP, or a connection we did not see start: report the tuple as IPVS knows it.
+    struct record *r = new_record(BACKEND, 0, 0, now);
+    if (!r)
+        return 0;
+    __builtin_memcpy(r->caddr, t.caddr, 16);
+    __builtin_memcpy(r->vaddr, t.vaddr, 16);
+    __builtin_memcpy(r->baddr, b.addr, 16);
+    r->cport = t.cport;
+    r->vport = t.vport;
+    r->bport = b.port;
+    r->bfamily = b.family;
+    r->family = t.family;
+    r->protocol = t.protocol;
+    commit(r, 0);
     return 0;
 }

@@ -118,9 +118,13 @@ def _events(args: argparse.Namespace) -> int:
     t.set_vips(vips)
     print(f"# watching {len(vips)} VIPs, backend attribution: {t.attribution}", flush=True)
     try:
+        wait_ms = 1000
         while True:
-            for event in t.read(timeout_ms=1000):
+            batch = t.read(timeout_ms=wait_ms)
+            for event in batch:
                 print(event, flush=True)
+            # While records flow, read again within the wakeup interval (see Tracer.fileno).
+            wait_ms = max(1, round(t.wakeup_interval * 1000)) if batch else 1000
     except KeyboardInterrupt:
         print(f"# lost records: {t.lost_records()}")
         return 0

@@ -244,9 +244,13 @@ def _duration() -> _Field:
     return dataclasses.replace(field, expected=f"{field.expected} (seconds)")
 
 
-def _verify_interval() -> _Field:
-    field = _number(at_least=1, at_most=MAX_DURATION)
+def _seconds(**bounds: float) -> _Field:
+    field = _number(**bounds)
     return dataclasses.replace(field, expected=f"{field.expected} (seconds)")
+
+
+def _verify_interval() -> _Field:
+    return _seconds(at_least=1, at_most=MAX_DURATION)
 
 
 def _fraction() -> _Field:
@@ -460,6 +464,9 @@ _TRACER = {
     "connection_capacity": _integer(1, 2**32 - 1),
     "ring_buffer_pages": _integer(1, 2**20),
     "report_closed": _boolean(),
+    # Kept in the BPF options as whole microseconds (u32); more than a second would only
+    # delay the daemon's view of successes.
+    "wakeup_interval": _seconds(at_least=0, at_most=1),
 }
 
 _SETTINGS = {

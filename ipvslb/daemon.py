@@ -47,6 +47,7 @@ class Daemon:
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._drain_handle: asyncio.TimerHandle | None = None
         self._probes: set[asyncio.Task] = set()
         # (service key, backend) -> recent (monotonic time, weight) written to IPVS, so that
         # status and tests can measure evidence-to-weight latency.
@@ -127,17 +128,39 @@ class Daemon:
         return self.health.get((protocol, vip[0], vip[1]))
 
     def _on_records(self) -> None:
+        if self._feed_records():
+            self._drain_again()
+        self._schedule_tick()
+
+    def _drain_again(self) -> None:
+        # Routine records do not wake us while they keep coming (Tracer.fileno): read again
+        # one wakeup interval after the last batch, until a read finds nothing.
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+        self._drain_handle = asyncio.get_running_loop().call_later(
+            self.tracer.wakeup_interval, self._on_drain_timer)
+
+    def _on_drain_timer(self) -> None:
+        self._drain_handle = None
+        self._on_records()
+
+    def _feed_records(self) -> int:
         now = time.monotonic()
-        for event in self.tracer.read():
+        batch = self.tracer.read()
+        for event in batch:
             self.records[event.kind.label] += 1
             svc = self._service_for(event.protocol, event.vip)
             evidence = health.evidence_from(event)
             if svc is not None and evidence is not None:
                 self._act(svc, svc.feed(evidence, now))
-        self._schedule_tick()
+        return len(batch)
 
     def _tick(self) -> None:
         self._tick_handle = None
+        # A connect that established just before its deadline may still sit in the ring
+        # buffer, unannounced: read it before judging the deadline.
+        if self._feed_records():
+            self._drain_again()
         now = time.monotonic()
         for svc in list(self.health.values()):
             self._act(svc, svc.tick(now))
@@ -323,6 +346,8 @@ class Daemon:
             for task in self._probes:
                 task.cancel()
             loop.remove_reader(self.tracer.fileno())
+            if self._drain_handle is not None:
+                self._drain_handle.cancel()
             server.close()
             self.tracer.close()
             self.manager.close()

@@ -97,6 +97,8 @@ class TracerSettings:
     connection_capacity: int = 65536
     ring_buffer_pages: int = 64
     report_closed: bool = False
+    # Seconds: routine records wake the daemon at most this often (failures at once).
+    wakeup_interval: float = 0.02
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ backend; the health engine decides what it means.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import select
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb import conntable, events
+from ipvslb import conntable, events, ringbuf
 from ipvslb.events import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
@@ -53,6 +55,7 @@ class Tracer:
         if not Path(f"/lib/modules/{release}/build").exists():
             raise TracerUnavailable(
                 f"kernel headers for {release} are missing: install linux-headers-{release}")
+        self.settings = settings
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
         # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
         cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
@@ -67,9 +70,11 @@ class Tracer:
             self._attach_kprobe()
         else:
             self.use_conntable()
-        self._pending: list[ConnEvent] = []
-        self.bpf["records"].open_ring_buffer(self._on_record)
+        self._ring = ringbuf.RingBuffer(self.fileno(), pages * mmap.PAGESIZE, events.RECORD.size)
+        self._poll = select.poll()
+        self._poll.register(self.fileno(), select.POLLIN)
         self.set_report_closed(settings.report_closed)
+        self.set_wakeup_interval(settings.wakeup_interval)
         self._vips: set[bytes] = set()
 
     def _attach_kprobe(self) -> None:
@@ -89,7 +94,7 @@ class Tracer:
     def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
         """Trace exactly these (protocol, address, port) services from now on."""
         wanted = {events.vip_key(*v) for v in vips}
-        table = self.bpf["vips"]
+        table = self.bpf[b"vips"]
         for key in self._vips - wanted:
             del table[table.Key.from_buffer_copy(key)]
         for key in wanted - self._vips:
@@ -97,19 +102,16 @@ class Tracer:
         self._vips = wanted
 
     def fileno(self) -> int:
-        """A descriptor that polls readable when records are waiting (the ring buffer map)."""
-        return self.bpf["records"].map_fd
-
-    def _on_record(self, _ctx, data, size) -> int:
-        self._pending.append(events.decode(ctypes.string_at(data, size)))
-        return 0
+        """The ring buffer map: it polls readable when woken for new records. Routine records
+        wake it at most once per `wakeup_interval`, so a reader that got records must read
+        again within that interval rather than wait for the next wakeup."""
+        return self.bpf[b"records"].map_fd
 
     def read(self, timeout_ms: int = 0) -> list[ConnEvent]:
-        """Everything recorded so far (waiting up to timeout_ms for the first record)."""
+        """Everything recorded so far (waiting up to timeout_ms for a wakeup first)."""
         if timeout_ms:
-            self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-        batch, self._pending = self._pending, []
+            self._poll.poll(timeout_ms)
+        batch = [event for run in self._ring.drain() for event in events.decode_slots(run)]
         if self.attribution == "conntable" and any(e.backend is None for e in batch):
             table = conntable.read()
             batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
@@ -118,13 +120,19 @@ class Tracer:
 
     def set_report_closed(self, on: bool) -> None:
         """Whether connections stay tracked after establishment to report their close."""
-        self.bpf["options"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+        self.bpf[b"options"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+
+    def set_wakeup_interval(self, seconds: float) -> None:
+        """How often at most routine records wake the reader (0: every record)."""
+        self.wakeup_interval = seconds
+        self.bpf[b"options"][ctypes.c_int(1)] = ctypes.c_uint32(round(seconds * 1_000_000))
 
     def lost_records(self) -> int:
-        return int(self.bpf["lost"].sum(0).value)
+        return int(self.bpf[b"lost"].sum(0).value)
 
     def tracked_connections(self) -> int:
-        return sum(1 for _ in self.bpf["conns"].keys())
+        return sum(1 for _ in self.bpf[b"conns"].keys())
 
     def close(self) -> None:
+        self._ring.close()
         self.bpf.cleanup()

@@ -3,9 +3,11 @@ against IPVS's connection table (`ipvsadm -Lnc`) as an independent oracle."""
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +134,44 @@ def test_blackholed_connect_retransmits_then_closes_in_syn_sent(traced, topo, vi
     assert 0.9 < retransmits[0].elapsed < 1.5
     closed = [e for e in recs if e.kind == Kind.CLOSED_SYN_SENT]
     assert len(closed) == 1 and closed[0].backend == backend_of(b, vip)
+
+
+def test_a_connect_ipvs_reschedules_is_timed_again_on_its_new_backend(traced, topo):
+    """A SYN blackholed by backend 0, whose weight then drops to 0: with expire_nodest_conn IPVS
+    sends a later SYN retransmit to backend 1. The tracer reports the move as a second CONNECT
+    (the kprobe sees no waiting connect; the next event of the socket claims the choice), and
+    that resend is not counted as a retransmit against the new backend."""
+    expire = Path("/proc/sys/net/ipv4/vs/expire_nodest_conn")
+    before = expire.read_text()
+    expire.write_text("1\n")
+    try:
+        _reschedule(traced, topo)
+    finally:
+        expire.write_text(before)
+
+
+def _reschedule(traced, topo):
+    moved_from, moved_to = topo.backends[0], topo.backends[1]
+    target = add_service(topo, VIP4, [moved_from])
+    moved_from.set_mode("blackhole")
+    s = open_socket(VIP4, timeout=8.0)
+    s.setblocking(False)
+    assert s.connect_ex((VIP4, PORT)) != 0  # EINPROGRESS
+    port = s.getsockname()[1]
+    time.sleep(0.3)
+    ipvsadm("-a", "-t", target, "-r", f"{moved_to.v4}:{moved_to.port}", "-m")
+    ipvsadm("-e", "-t", target, "-r", f"{moved_from.v4}:{moved_from.port}", "-m", "-w", "0")
+    _, writable, _ = select.select([], [s], [], 8.0)  # the retransmit at 1 s or 3 s connects
+    assert writable and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    recs = records_for(traced, port, wait=0.5)
+    s.close()
+    kinds = [(e.kind, e.backend) for e in recs if e.kind != Kind.BACKEND]
+    old, new = backend_of(moved_from, VIP4), backend_of(moved_to, VIP4)
+    assert kinds[0] == (Kind.CONNECT, old), kinds
+    assert (Kind.CONNECT, new) in kinds, kinds
+    after_move = kinds[kinds.index((Kind.CONNECT, new)):]
+    assert after_move == [(Kind.CONNECT, new), (Kind.ESTABLISHED, new)], kinds
+    assert all(e.backend == old for e in recs if e.kind == Kind.SYN_RETRANSMIT)
 
 
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
