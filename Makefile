@@ -110,6 +110,7 @@ bench-failover: venv
 	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/failover.py"
 
 bench-tracer: venv
+	command -v bpftool >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bpftool)
 	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
 	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/tracer_overhead.py"
 

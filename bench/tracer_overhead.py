@@ -13,6 +13,7 @@ the order of the cells is reversed every other round so that drift favours none 
 from __future__ import annotations
 
 import ipaddress
+import json
 import multiprocessing
 import os
 import socket
@@ -67,6 +68,49 @@ def connect_rate(seconds: float, tracer: Tracer | None, consume: bool = True) ->
     return receiver.recv(), events
 
 
+def bpf_run_times() -> dict[str, tuple[int, int]]:
+    """name -> (run_time_ns, run_cnt) of every loaded BPF program (kernel.bpf_stats_enabled)."""
+    shown = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                                      check=True).stdout)
+    return {p.get("name", "?"): (p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in shown}
+
+
+def cost_per_connect(tracer: Tracer) -> list[str]:
+    """Where the tracer's CPU goes, per connect: BPF run time by program (the kernel's own
+    accounting, switched on for this cell only since it adds two clock reads per run) and the
+    consumer's CPU time, next to the CPU time a connect costs without the tracer."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    base_rate, _ = connect_rate(SECONDS, None)
+    base_cpu_us = 2 * 1e6 / base_rate  # this VM's 2 vCPUs are busy the whole cell
+    stats.write_text("1\n")
+    try:
+        before = bpf_run_times()
+        set_attached(tracer, True)
+        started = time.process_time()
+        rate, records = connect_rate(SECONDS, tracer)
+        consumer_s = time.process_time() - started
+        set_attached(tracer, False)
+        after = bpf_run_times()
+    finally:
+        stats.write_text("0\n")
+    connects = rate * SECONDS
+    out = []
+    print = out.append  # noqa: A001 - collected, printed after the main table
+    print(f"\nCPU per connect: {base_cpu_us:.0f} us without the tracer ({base_rate:.0f}/s on 2 vCPUs); "
+          f"with it ({rate:.0f}/s, {records / connects:.2f} records per connect):")
+    print("| part | runs per connect | us per connect | share of an untraced connect |")
+    print("|---|---|---|---|")
+    for name in sorted(after):
+        ns = after[name][0] - before.get(name, (0, 0))[0]
+        runs = after[name][1] - before.get(name, (0, 0))[1]
+        if runs:
+            print(f"| BPF {name} | {runs / connects:.2f} | {ns / 1000 / connects:.1f} | "
+                  f"{ns / 1000 / connects / base_cpu_us:.1%} |")
+    print(f"| consumer (decode into events) | | {consumer_s * 1e6 / connects:.1f} | "
+          f"{consumer_s * 1e6 / connects / base_cpu_us:.1%} |")
+    return out
+
+
 def set_attached(tracer: Tracer, attached: bool) -> None:
     for tp, fn in TRACEPOINTS:
         if attached:
@@ -114,6 +158,7 @@ def main() -> None:
             order = range(len(cells)) if round_ % 2 else reversed(range(len(cells)))
             measured = {i: cells[i]() for i in order}
             rows.append((round_, *(measured[i][0] for i in range(len(cells))), measured[2][1]))
+        costs = cost_per_connect(tracer)
     finally:
         lost = tracer.lost_records()
         tracer.close()
@@ -135,6 +180,7 @@ def main() -> None:
     means = [sum(r[i] for r in rows) / len(rows) for i in (1, 2, 3, 4)]
     line("mean", *means, "")
     print(f"lost records: {lost}")
+    print("\n".join(costs))
 
 
 if __name__ == "__main__":
