@@ -5,7 +5,6 @@ The record layout is fixed by `struct record` in bpf/ipvslb.bpf.c.
 from __future__ import annotations
 
 import enum
-import functools
 import ipaddress
 import struct
 from typing import NamedTuple
@@ -76,22 +75,39 @@ def format_endpoint(endpoint: Endpoint) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
-@functools.lru_cache(maxsize=4096)
-def _address(raw: bytes, family: int) -> IPAddress:
-    # Cached: the same few VIPs, backends and client addresses repeat in every record.
-    return ipaddress.IPv4Address(raw[:4]) if family == AF_INET else ipaddress.IPv6Address(raw)
+class _Addresses(dict):
+    """Raw 16-byte addresses of one family -> address objects. The same few VIPs, backends
+    and client addresses repeat in every record; a hit is one C-level dict lookup."""
+
+    def __init__(self, family: int):
+        super().__init__()
+        self.family = family
+
+    def __missing__(self, raw: bytes) -> IPAddress:
+        if len(self) >= 4096:
+            self.clear()
+        address = ipaddress.IPv4Address(raw[:4]) if self.family == AF_INET else ipaddress.IPv6Address(raw)
+        self[raw] = address
+        return address
 
 
+# Indexed by address family (AF_INET 2, AF_INET6 10).
+_ADDRESSES: list[_Addresses | None] = [None] * (AF_INET6 + 1)
+_ADDRESSES[AF_INET], _ADDRESSES[AF_INET6] = _Addresses(AF_INET), _Addresses(AF_INET6)
 _KINDS = {kind.value: kind for kind in Kind}
+_new_tuple = tuple.__new__
 
 
 def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, baddr: bytes, cport: int,
            vport: int, bport: int, retransmits: int, kind: int, family: int, protocol: int,
            bfamily: int, _pad: int) -> ConnEvent:
+    """One record, checking every code (the slow path, for records decode_slots refuses)."""
+    def address(raw: bytes, fam: int) -> IPAddress:
+        return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
     return ConnEvent(
         _KINDS.get(kind) or Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol) or str(protocol),
-        (_address(caddr, family), cport), (_address(vaddr, family), vport),
-        (_address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
+        (address(caddr, family), cport), (address(vaddr, family), vport),
+        (address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
     )
 
 
@@ -101,8 +117,20 @@ def decode(data: bytes) -> ConnEvent:
 
 
 def decode_slots(data: bytes) -> list[ConnEvent]:
-    """Records as they sit in the ring buffer, each behind its 8-byte header."""
-    return [_event(*fields) for fields in RING_SLOT.iter_unpack(data)]
+    """Records as they sit in the ring buffer, each behind its 8-byte header.
+
+    Called for thousands of records a second: one comprehension with no Python-level call
+    per record. A record with an unknown kind, protocol or family falls back to _event."""
+    addresses, kinds, protocols, new = _ADDRESSES, _KINDS, PROTOCOLS, _new_tuple
+    try:
+        return [new(ConnEvent, (kinds[kind], ts / 1e9, sock, protocols[protocol],
+                                (addresses[family][caddr], cport), (addresses[family][vaddr], vport),
+                                (addresses[bfamily][baddr], bport) if bfamily else None,
+                                retransmits, elapsed_ns / 1e9))
+                for (ts, sock, elapsed_ns, caddr, vaddr, baddr, cport, vport, bport, retransmits,
+                     kind, family, protocol, bfamily, _pad) in RING_SLOT.iter_unpack(data)]
+    except (KeyError, IndexError, TypeError):
+        return [_event(*fields) for fields in RING_SLOT.iter_unpack(data)]
 
 
 def vip_key(protocol: str, address: IPAddress, port: int) -> bytes:

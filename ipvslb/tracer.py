@@ -70,9 +70,13 @@ class Tracer:
             self._attach_kprobe()
         else:
             self.use_conntable()
-        self._ring = ringbuf.RingBuffer(self.fileno(), pages * mmap.PAGESIZE, events.RECORD.size)
-        self._poll = select.poll()
-        self._poll.register(self.fileno(), select.POLLIN)
+        ring_fd = self.bpf[b"records"].map_fd
+        self._ring = ringbuf.RingBuffer(ring_fd, pages * mmap.PAGESIZE, events.RECORD.size)
+        # The ring buffer's own fd polls readable whenever any record is unread, so a loop
+        # waiting on it would spin on the routine records that are meant to wait for the
+        # next read. Edge-triggered, this epoll reports only the kernel's wakeups.
+        self._wakeups = select.epoll()
+        self._wakeups.register(ring_fd, select.EPOLLIN | select.EPOLLET)
         self.set_report_closed(settings.report_closed)
         self.set_wakeup_interval(settings.wakeup_interval)
         self._vips: set[bytes] = set()
@@ -102,15 +106,15 @@ class Tracer:
         self._vips = wanted
 
     def fileno(self) -> int:
-        """The ring buffer map: it polls readable when woken for new records. Routine records
-        wake it at most once per `wakeup_interval`, so a reader that got records must read
-        again within that interval rather than wait for the next wakeup."""
-        return self.bpf[b"records"].map_fd
+        """A descriptor that polls readable when the kernel wakes the reader: at once for
+        failure evidence, at most once per `wakeup_interval` for routine records. A reader
+        whose last read returned records must read again within that interval instead of
+        waiting here: the records that followed the last wakeup do not announce themselves."""
+        return self._wakeups.fileno()
 
     def read(self, timeout_ms: int = 0) -> list[ConnEvent]:
-        """Everything recorded so far (waiting up to timeout_ms for a wakeup first)."""
-        if timeout_ms:
-            self._poll.poll(timeout_ms)
+        """Everything recorded so far, after waiting up to timeout_ms for a wakeup."""
+        self._wakeups.poll(timeout_ms / 1000)  # also clears the wakeup fileno() reported
         batch = [event for run in self._ring.drain() for event in events.decode_slots(run)]
         if self.attribution == "conntable" and any(e.backend is None for e in batch):
             table = conntable.read()
@@ -134,5 +138,6 @@ class Tracer:
         return sum(1 for _ in self.bpf[b"conns"].keys())
 
     def close(self) -> None:
+        self._wakeups.close()
         self._ring.close()
         self.bpf.cleanup()

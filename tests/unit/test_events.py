@@ -28,6 +28,22 @@ def test_decode_ipv6_and_missing_backend():
     assert "via ?" in str(e)
 
 
+def test_ring_slots_decode_like_single_records_and_addresses_are_shared():
+    v6 = ipaddress.ip_address("fd90::1").packed
+    raw = [record(Kind.CONNECT), record(Kind.ESTABLISHED), record(Kind.RESET, family=10, caddr=v6, bfamily=0)]
+    slots = b"".join(len(r).to_bytes(4, "little") + bytes(4) + r for r in raw)
+    decoded = events.decode_slots(slots)
+    assert decoded == [events.decode(r) for r in raw]
+    assert decoded[0].client[0] is decoded[1].client[0]
+
+
+def test_a_record_with_an_unknown_protocol_takes_the_checked_path():
+    raw = bytearray(record(Kind.CONNECT))
+    raw[events.RECORD.size - 6] = 132  # protocol: SCTP
+    slot = len(raw).to_bytes(4, "little") + bytes(4) + bytes(raw)
+    assert events.decode_slots(slot)[0].protocol == "132"
+
+
 def test_vip_key_matches_the_bpf_struct_layout():
     key = events.vip_key("udp", ipaddress.ip_address("10.0.0.1"), 53)
     assert key == bytes([10, 0, 0, 1]) + b"\0" * 12 + (53).to_bytes(2, "little") + bytes([17, 2])
