@@ -29,9 +29,10 @@ class Kind(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower().replace("_", "-")
+        return _LABELS[self]  # asked once per record by the daemon: computed once per kind
 
 
+_LABELS = {kind: kind.name.lower().replace("_", "-") for kind in Kind}
 Endpoint = tuple[IPAddress, int]
 
 
