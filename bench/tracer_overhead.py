@@ -28,7 +28,7 @@ from ipvslb.model import TracerSettings  # noqa: E402
 from ipvslb.tracer import KPROBE, Tracer  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 
-VIP, PORT, ROUNDS, SECONDS = "10.90.0.1", 80, 4, 4.0
+VIP, PORT, ROUNDS, SECONDS = "10.90.0.1", 80, 6, 4.0
 TRACEPOINTS = [(b"sock:inet_sock_set_state", b"tracepoint__sock__inet_sock_set_state"),
                (b"tcp:tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_skb"),
                (b"tcp:tcp_receive_reset", b"tracepoint__tcp__tcp_receive_reset")]
