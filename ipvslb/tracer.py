@@ -55,7 +55,6 @@ class Tracer:
         if not Path(f"/lib/modules/{release}/build").exists():
             raise TracerUnavailable(
                 f"kernel headers for {release} are missing: install linux-headers-{release}")
-        self.settings = settings
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
         # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
         cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
