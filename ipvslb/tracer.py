@@ -114,7 +114,8 @@ class Tracer:
     def read(self, timeout_ms: int = 0) -> list[ConnEvent]:
         """Everything recorded so far, after waiting up to timeout_ms for a wakeup."""
         self._wakeups.poll(timeout_ms / 1000)  # also clears the wakeup fileno() reported
-        batch = [event for run in self._ring.drain() for event in events.decode_slots(run)]
+        runs = self._ring.drain()
+        batch = events.decode_slots(runs[0] if len(runs) == 1 else b"".join(runs))
         if self.attribution == "conntable" and any(e.backend is None for e in batch):
             table = conntable.read()
             batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
