@@ -102,7 +102,7 @@ _new_tuple = tuple.__new__
 def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, baddr: bytes, cport: int,
            vport: int, bport: int, retransmits: int, kind: int, family: int, protocol: int,
            bfamily: int, _pad: int) -> ConnEvent:
-    """One record, checking every code (the slow path, for records decode_slots refuses)."""
+    """One record, every code checked: the path for records decode_slots' fast path refuses."""
     def address(raw: bytes, fam: int) -> IPAddress:
         return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
     return ConnEvent(
@@ -110,11 +110,6 @@ def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, badd
         (address(caddr, family), cport), (address(vaddr, family), vport),
         (address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
     )
-
-
-def decode(data: bytes) -> ConnEvent:
-    """One record (struct record, without the ring buffer's header)."""
-    return _event(*RECORD.unpack_from(data))
 
 
 def decode_slots(data: bytes) -> list[ConnEvent]:

@@ -5,13 +5,14 @@ from ipvslb.events import Kind
 
 
 def record(kind, family=2, caddr=b"\x0a\x5a\x00\x01", baddr=b"\x0a\x4d\x01\x02", bfamily=2):
-    return events.RECORD.pack(1_500_000_000, 0xFFFF0001, 250_000_000, caddr.ljust(16, b"\0"),
+    """One record as it sits in the ring buffer: 8-byte header (length, page offset), then the record."""
+    return events.RECORD.size.to_bytes(4, "little") + bytes(4) + events.RECORD.pack(1_500_000_000, 0xFFFF0001, 250_000_000, caddr.ljust(16, b"\0"),
                               caddr.ljust(16, b"\0"), baddr.ljust(16, b"\0"), 40000, 80, 8080, 1,
                               kind, family, 6, bfamily, 0)
 
 
 def test_decode_reads_every_field_of_an_ipv4_record():
-    e = events.decode(record(Kind.SYN_RETRANSMIT))
+    [e] = events.decode_slots(record(Kind.SYN_RETRANSMIT))
     assert e.kind is Kind.SYN_RETRANSMIT
     assert e.ts == 1.5 and e.elapsed == 0.25 and e.sock == 0xFFFF0001
     assert e.client == (ipaddress.ip_address("10.90.0.1"), 40000)
@@ -22,26 +23,25 @@ def test_decode_reads_every_field_of_an_ipv4_record():
 
 def test_decode_ipv6_and_missing_backend():
     v6 = ipaddress.ip_address("fd90::1").packed
-    e = events.decode(record(Kind.CONNECT, family=10, caddr=v6, baddr=b"", bfamily=0))
+    [e] = events.decode_slots(record(Kind.CONNECT, family=10, caddr=v6, baddr=b"", bfamily=0))
     assert e.client[0] == ipaddress.ip_address("fd90::1")
     assert e.backend is None
     assert "via ?" in str(e)
 
 
-def test_ring_slots_decode_like_single_records_and_addresses_are_shared():
+def test_consecutive_slots_decode_in_order_and_share_address_objects():
     v6 = ipaddress.ip_address("fd90::1").packed
-    raw = [record(Kind.CONNECT), record(Kind.ESTABLISHED), record(Kind.RESET, family=10, caddr=v6, bfamily=0)]
-    slots = b"".join(len(r).to_bytes(4, "little") + bytes(4) + r for r in raw)
-    decoded = events.decode_slots(slots)
-    assert decoded == [events.decode(r) for r in raw]
+    kinds = [Kind.CONNECT, Kind.ESTABLISHED, Kind.RESET]
+    decoded = events.decode_slots(record(kinds[0]) + record(kinds[1]) + record(kinds[2], family=10, caddr=v6, bfamily=0))
+    assert [e.kind for e in decoded] == kinds
+    assert decoded[2].client[0] == ipaddress.ip_address("fd90::1") and decoded[2].backend is None
     assert decoded[0].client[0] is decoded[1].client[0]
 
 
 def test_a_record_with_an_unknown_protocol_takes_the_checked_path():
-    raw = bytearray(record(Kind.CONNECT))
-    raw[events.RECORD.size - 6] = 132  # protocol: SCTP
-    slot = len(raw).to_bytes(4, "little") + bytes(4) + bytes(raw)
-    assert events.decode_slots(slot)[0].protocol == "132"
+    slot = bytearray(record(Kind.CONNECT))
+    slot[8 + events.RECORD.size - 6] = 132  # protocol: SCTP
+    assert events.decode_slots(bytes(slot))[0].protocol == "132"
 
 
 def test_vip_key_matches_the_bpf_struct_layout():
