@@ -106,7 +106,7 @@ def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, badd
     def address(raw: bytes, fam: int) -> IPAddress:
         return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
     return ConnEvent(
-        _KINDS.get(kind) or Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol) or str(protocol),
+        Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol, str(protocol)),
         (address(caddr, family), cport), (address(vaddr, family), vport),
         (address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
     )
