@@ -80,7 +80,26 @@ struct conn {
     struct backend backend;
     u8 reset;
     u8 established;
-    u8 pad[6];
+    u8 counted;           // not timed: its success is counted in `successes`, not reported
+    u8 pad[5];
+};
+
+// One (VIP, backend) pair. Layout decoded by ipvslb/events.py ("<16s16sHHBBBx").
+struct pair {
+    u8 vaddr[16];
+    u8 baddr[16];
+    u16 vport;
+    u16 bport;
+    u8 family;
+    u8 bfamily;
+    u8 protocol;
+    u8 pad;
+};
+
+struct pair_stats {
+    u64 last_timed_ns;    // start of the last connect reported with CONNECT and ESTABLISHED
+    u64 counted;          // connects established without records (monotonic)
+    u64 last_counted_ns;  // when the last of them was established
 };
 
 // Fixed layout decoded by ipvslb/tracer.py (struct format "<QQQ16s16s16sHHHHBBBBI").
@@ -116,15 +135,24 @@ BPF_ARRAY(connecting, u64, CONNECTING_SLOTS);
 // tracer did not see start. The next event of a connection that has retransmitted claims it.
 BPF_TABLE("lru_hash", struct tuple, struct backend, unclaimed, 1024);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+// Successes counted in the kernel instead of reported, per (VIP, backend): see OPT_SAMPLE.
+BPF_HASH(successes, struct pair, struct pair_stats, 4096);
 // options[0] = 1: report CLOSED after established. Off by default: health needs no closes,
 // and forgetting a connection once it is established halves the records and map work.
 // options[1] = wakeup interval in microseconds, 0 = wake the reader for every record. Routine
 // records (connect, established, closed) wake the reader at most once per interval, and the
 // reader drains on a timer while records keep coming: a wakeup per record would cost the
 // traced host a context switch per connect. Failure evidence always wakes the reader.
+// options[2] = sample interval in microseconds, 0 = report every connect. A connect to a
+// (VIP, backend) pair is timed (CONNECT and ESTABLISHED records) when none to that pair was
+// timed within the interval; the others that succeed are only counted in `successes`. The
+// daemon then decodes a few records per pair and interval instead of two per connect, and
+// still times enough connects for the adaptive deadline. Failure evidence (reset, SYN
+// retransmit, closed in SYN_SENT) is reported for every connect, timed or not.
 #define OPT_REPORT_CLOSED 0
 #define OPT_WAKEUP_INTERVAL_US 1
-BPF_ARRAY(options, u32, 2);
+#define OPT_SAMPLE_INTERVAL_US 2
+BPF_ARRAY(options, u32, 3);
 BPF_ARRAY(last_wakeup, u64, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
 
@@ -188,6 +216,46 @@ static __always_inline void report(u8 kind, u64 sock, struct conn *c, int urgent
         commit(r, urgent);
 }
 
+static __always_inline void pair_of(struct pair *p, struct conn *c) {
+    __builtin_memcpy(p->vaddr, c->tuple.vaddr, 16);
+    __builtin_memcpy(p->baddr, c->backend.addr, 16);
+    p->vport = c->tuple.vport;
+    p->bport = c->backend.port;
+    p->family = c->tuple.family;
+    p->bfamily = c->backend.family;
+    p->protocol = c->tuple.protocol;
+}
+
+// Whether this connect, whose backend was just chosen, is counted rather than timed.
+static __always_inline int count_only(struct conn *c, u64 now) {
+    u32 interval_us = option(OPT_SAMPLE_INTERVAL_US);
+    if (!interval_us)
+        return 0;
+    struct pair p = {};
+    pair_of(&p, c);
+    struct pair_stats *s = successes.lookup(&p);
+    if (!s) {
+        struct pair_stats fresh = {};
+        fresh.last_timed_ns = now;
+        successes.insert(&p, &fresh);  // full: the connect is timed, nothing is lost
+        return 0;
+    }
+    if (now - s->last_timed_ns < (u64)interval_us * 1000)
+        return 1;
+    s->last_timed_ns = now;
+    return 0;
+}
+
+static __always_inline void count_success(struct conn *c, u64 now) {
+    struct pair p = {};
+    pair_of(&p, c);
+    struct pair_stats *s = successes.lookup(&p);
+    if (!s)
+        return;  // the pair was removed meanwhile: the daemon forgot that backend
+    __sync_fetch_and_add(&s->counted, 1);
+    s->last_counted_ns = now;
+}
+
 // Two 8-byte words, not a loop over bytes: LLVM 19 (Debian 13's bcc) turned that loop into
 // 16 compare-and-branch steps, 2^16 paths that the verifier gave up on (E2BIG).
 static __always_inline int same_addr(const u8 *a, const u8 *b) {
@@ -211,6 +279,7 @@ static __always_inline int claim_backend(u64 sock, struct conn *c) {
         return 0;
     c->backend = *chosen;
     c->retransmits = 0;
+    c->counted = 0;  // a rescued connect is always timed on its new backend
     unclaimed.delete(&c->tuple);
     // The connect is timed again on its new backend, from now.
     report(CONNECT, sock, c, 0);
@@ -250,6 +319,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         connecting.update(&slot, &sock);
         return 0;
     }
+    // Shutdown steps and the server side's SYN_RECV tell nothing: no lookup for them.
+    if (args->newstate != TCP_ESTABLISHED && args->newstate != TCP_CLOSE)
+        return 0;
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;
@@ -258,7 +330,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         claim_backend(sock, c);
     if (args->newstate == TCP_ESTABLISHED && !c->established) {
         c->established = 1;
-        report(ESTABLISHED, sock, c, 0);
+        if (c->counted)
+            count_success(c, bpf_ktime_get_ns());
+        else
+            report(ESTABLISHED, sock, c, 0);
         if (!option(OPT_REPORT_CLOSED))
             conns.delete(&sock);
     } else if (args->newstate == TCP_CLOSE) {
@@ -337,6 +412,10 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
             *waiting = 0;
             c->tuple.cport = t.cport;
             c->backend = b;
+            if (count_only(c, now)) {
+                c->counted = 1;
+                return 0;
+            }
             struct record *r = new_record(CONNECT, sock, c, now);
             if (r)
                 commit(r, 0);

@@ -109,8 +109,9 @@ def _events(args: argparse.Namespace) -> int:
         vips = [(s.protocol, s.vip, s.port) for s in cfg.services]
         settings = cfg.settings.tracer
     try:
-        # An operator watching wants every close too, whatever the daemon's setting.
-        settings = dataclasses.replace(settings or tracer.TracerSettings(), report_closed=True)
+        # An operator watching wants every connect and close, whatever the daemon's settings.
+        settings = dataclasses.replace(settings or tracer.TracerSettings(), report_closed=True,
+                                       sample_interval=0.0)
         t = tracer.Tracer(settings, use_kprobe=not args.no_kprobe)
     except tracer.TracerUnavailable as err:
         print(f"ipvslb: {err}", file=sys.stderr)

@@ -467,6 +467,8 @@ _TRACER = {
     # Kept in the BPF options as whole microseconds (u32); more than a second would only
     # delay the daemon's view of successes.
     "wakeup_interval": _seconds(at_least=0, at_most=1),
+    # Microseconds in the kernel too; a longer interval would starve the connect history.
+    "sample_interval": _seconds(at_least=0, at_most=1),
 }
 
 _SETTINGS = {

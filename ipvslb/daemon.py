@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import __version__, config, health, probe, status, systemd, udpwatch
+from ipvslb import __version__, config, events, health, probe, status, systemd, udpwatch
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
@@ -43,6 +43,9 @@ class Daemon:
         self.rng = rng or random.Random()
         self.health: dict[tuple, health.ServiceHealth] = {}
         self.records: collections.Counter[str] = collections.Counter()
+        # Successes the tracer counted without records: total, and its last count per pair.
+        self.counted_successes = 0
+        self._counted = events.CountedSince()
         self.reconcile = ReconcileStats()
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -145,15 +148,35 @@ class Daemon:
         self._on_records()
 
     def _feed_records(self) -> int:
+        """Feed health what the tracer saw since the last call: its records and the successes
+        it only counted, in the order they happened. Returns how many there were."""
         now = time.monotonic()
         batch = self.tracer.read()
+        evidence: list[tuple[float, health.ServiceHealth, health.Evidence]] = []
         for event in batch:
             self.records[event.kind.label] += 1
             svc = self._service_for(event.protocol, event.vip)
-            evidence = health.evidence_from(event)
-            if svc is not None and evidence is not None:
-                self._act(svc, svc.feed(evidence, now))
-        return len(batch)
+            found = health.evidence_from(event)
+            if svc is not None and found is not None:
+                evidence.append((event.ts, svc, found))
+        counted = self._newly_counted()
+        for c, count in counted:
+            if svc := self._service_for(c.protocol, c.vip):
+                evidence.append((c.ts, svc, health.Successes(c.backend, count, c.ts)))
+        if counted:
+            # A success counted after a failure in the same read must still end its streak.
+            evidence.sort(key=lambda item: item[0])
+        for _, svc, found in evidence:
+            self._act(svc, svc.feed(found, now))
+        return len(batch) + len(counted)
+
+    def _newly_counted(self) -> list[tuple[events.Counted, int]]:
+        """Per (VIP, backend), the connects the kernel counted since the last call."""
+        if not self.tracer.sample_interval:
+            return []
+        fresh = self._counted.new(self.tracer.counted())
+        self.counted_successes += sum(count for _, count in fresh)
+        return fresh
 
     def _tick(self) -> None:
         self._tick_handle = None
@@ -298,6 +321,7 @@ class Daemon:
             "attribution": self.tracer.attribution,
             "lost_records": self.tracer.lost_records(),
             "records": dict(self.records),
+            "counted_successes": self.counted_successes,
             "reconcile": vars(self.reconcile),
             "services": [self._service_snapshot(svc) for svc in self.health.values()],
         }

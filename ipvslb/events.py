@@ -129,6 +129,58 @@ def decode_slots(data: bytes) -> list[ConnEvent]:
         return [_event(*fields) for fields in RING_SLOT.iter_unpack(data)]
 
 
+# struct pair and struct pair_stats: the `successes` map's key and value.
+PAIR = struct.Struct("<16s16sHHBBBx")
+PAIR_STATS = struct.Struct("<QQQ")
+
+
+class Counted(NamedTuple):
+    """Connects to one (VIP, backend) that established without records, as the kernel counts
+    them: `count` since the tracer loaded, the last at `ts` (monotonic seconds)."""
+
+    protocol: str
+    vip: Endpoint
+    backend: Endpoint
+    count: int
+    ts: float
+
+
+def decode_pair(key: bytes) -> tuple[str, Endpoint, Endpoint]:
+    """(protocol, VIP, backend) of a `successes` map key."""
+    vaddr, baddr, vport, bport, family, bfamily, protocol = PAIR.unpack(key)
+
+    def address(raw: bytes, fam: int) -> IPAddress:
+        return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
+    return (PROTOCOLS.get(protocol, str(protocol)), (address(vaddr, family), vport),
+            (address(baddr, bfamily), bport))
+
+
+def decode_counted(key: bytes, value: bytes) -> Counted:
+    _last_timed, count, last_ns = PAIR_STATS.unpack(value)
+    return Counted(*decode_pair(key), count, last_ns / 1e9)
+
+
+class CountedSince:
+    """The kernel's counts only grow; this remembers the last count per (VIP, backend) and
+    returns what is new. A count below the last one means the pair was deleted and counts
+    from zero again (its service was reloaded away and back)."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple, int] = {}
+
+    def new(self, counted: list[Counted]) -> list[tuple[Counted, int]]:
+        fresh = []
+        for c in counted:
+            pair = (c.protocol, c.vip, c.backend)
+            last = self._last.get(pair, 0)
+            if c.count < last:
+                last = 0
+            if c.count > last:
+                fresh.append((c, c.count - last))
+            self._last[pair] = c.count
+        return fresh
+
+
 def vip_key(protocol: str, address: IPAddress, port: int) -> bytes:
     """The `vips` map key (struct vip_key) for one managed service."""
     proto = {"tcp": 6, "udp": 17}[protocol]

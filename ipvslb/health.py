@@ -43,6 +43,10 @@ Decisions where health.md is silent:
 - History samples are the last `CONNECT_HISTORY_SIZE` connect times (p99 by nearest
   rank). The connect time is measured from the connect's start on *this* backend
   (a connect IPVS rescued onto another backend is re-timed from its new CONNECT).
+- The tracer times a sample of connects (one per backend and sample interval, see
+  docs/tracer.md); only those carry ConnectStarted and Established, so only they have a
+  deadline and feed the history. The rest arrive as `Successes` counts, and their failures
+  as usual records: a blackhole is still caught by the next timed connect's deadline.
 - A missed deadline never counts toward `failure_threshold`: it only raises suspicion and
   the probe decides (health.md). Several connects in flight to a backend whose path just
   got slower all miss the same old deadline before the first late SYN-ACK arrives; counting
@@ -153,6 +157,16 @@ class Established:
 
 
 @dataclass(frozen=True, slots=True)
+class Successes:
+    """`count` connects to `backend` established, the last at `t`, that the tracer counted
+    without timing them (it times one per backend and sample interval). They reset the
+    failure streak like Established; they add nothing to the connect history."""
+    backend: BackendKey
+    count: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class ResetInSynSent:
     """RST while SYN_SENT: the backend refuses. Hard failure."""
     backend: BackendKey
@@ -207,7 +221,7 @@ class ProbeResult:
     detail: str = ""
 
 
-Evidence = (ConnectStarted | Established | ResetInSynSent | SynRetransmit | ClosedInSynSent
+Evidence = (ConnectStarted | Established | Successes | ResetInSynSent | SynRetransmit | ClosedInSynSent
             | UdpUnreachable | UdpNoReply | UdpReplied | ProbeResult)
 
 
@@ -727,12 +741,18 @@ class ServiceHealth:
             return []
         return self._success(b, ev.t)
 
-    def _success(self, b: _Backend, t: float) -> list[Action]:
-        b.counters["successes"] += 1
+    def _on_successes(self, ev: Successes, now: float) -> list[Action]:
+        b = self._backends.get(ev.backend)
+        if b is None or b.state is State.DISABLED or ev.count <= 0:
+            return []
+        return self._success(b, ev.t, ev.count)
+
+    def _success(self, b: _Backend, t: float, count: int = 1) -> list[Action]:
+        b.counters["successes"] += count
         b.last_success_at = t
         b.streak = 0
         if b.probation_until is not None:
-            b.successes_since_readmit += 1
+            b.successes_since_readmit += count
         elif b.state is State.HEALTHY:
             b.backoff = self.settings.probe_backoff_initial  # real traffic after probation
         return []
@@ -854,6 +874,7 @@ class ServiceHealth:
     _HANDLERS = {
         ConnectStarted: _on_connect_started,
         Established: _on_established,
+        Successes: _on_successes,
         ResetInSynSent: _on_reset,
         SynRetransmit: _on_syn_retransmit,
         ClosedInSynSent: _on_closed_in_syn_sent,

@@ -60,6 +60,11 @@ class SnapshotCollector(Collector):
         for kind, count in doc.get("records", {}).items():
             events.add_metric([kind], count)
         yield events
+        counted = CounterMetricFamily("ipvslb_tracer_counted_connects",
+                                      "Connects established that the tracer counted without records "
+                                      "(not timed: see settings.tracer.sample_interval).")
+        counted.add_metric([], doc.get("counted_successes", 0))
+        yield counted
         reconcile = doc.get("reconcile", {})
         runs = CounterMetricFamily("ipvslb_reconcile_runs", "IPVS reconciliations run.")
         runs.add_metric([], reconcile.get("runs", 0))

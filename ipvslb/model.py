@@ -99,6 +99,9 @@ class TracerSettings:
     report_closed: bool = False
     # Seconds: routine records wake the daemon at most this often (failures at once).
     wakeup_interval: float = 0.02
+    # Seconds: per (VIP, backend), one connect per interval is timed with records; the other
+    # successes are counted in the kernel (0: every connect is reported).
+    sample_interval: float = 0.02
 
 
 @dataclass(frozen=True)

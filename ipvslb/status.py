@@ -57,7 +57,8 @@ def render(doc: dict) -> str:
     """The human table: one block per service, one row per backend."""
     now = doc.get("now", time.monotonic())
     lines = [f"ipvslb {doc.get('version', '?')} pid {doc.get('pid', '?')}, attribution: "
-             f"{doc.get('attribution', '?')}, lost tracer records: {doc.get('lost_records', 0)}"]
+             f"{doc.get('attribution', '?')}, lost tracer records: {doc.get('lost_records', 0)}, "
+             f"connects counted without records: {doc.get('counted_successes', 0)}"]
     header = ("BACKEND", "STATE", "WEIGHT", "SINCE", "OK", "HARD", "SOFT", "QUAR", "LAST EVIDENCE")
     for svc in doc.get("services", []):
         freeze = "  [FROZEN: correlated failures]" if svc.get("frozen") else ""

@@ -78,6 +78,7 @@ class Tracer:
         self._wakeups.register(ring_fd, select.EPOLLIN | select.EPOLLET)
         self.set_report_closed(settings.report_closed)
         self.set_wakeup_interval(settings.wakeup_interval)
+        self.set_sample_interval(settings.sample_interval)
         self._vips: set[bytes] = set()
 
     def _attach_kprobe(self) -> None:
@@ -100,6 +101,12 @@ class Tracer:
         table = self.bpf[b"vips"]
         for key in self._vips - wanted:
             del table[table.Key.from_buffer_copy(key)]
+        # Forget the counts of services no longer traced (the map is bounded).
+        counts = self.bpf[b"successes"]
+        for key in list(counts.keys()):
+            protocol, vip, _backend = events.decode_pair(bytes(key))
+            if events.vip_key(protocol, *vip) not in wanted:
+                del counts[key]
         for key in wanted - self._vips:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
         self._vips = wanted
@@ -130,6 +137,17 @@ class Tracer:
         """How often at most routine records wake the reader (0: every record)."""
         self.wakeup_interval = seconds
         self.bpf[b"options"][ctypes.c_int(1)] = ctypes.c_uint32(round(seconds * 1_000_000))
+
+    def set_sample_interval(self, seconds: float) -> None:
+        """Per (VIP, backend), time one connect per interval with CONNECT and ESTABLISHED
+        records and only count the others that succeed (0: report every connect)."""
+        self.sample_interval = seconds
+        self.bpf[b"options"][ctypes.c_int(2)] = ctypes.c_uint32(round(seconds * 1_000_000))
+
+    def counted(self) -> list[events.Counted]:
+        """Successes counted in the kernel rather than reported, per (VIP, backend).
+        Counts only grow; a reader takes the difference from its last call."""
+        return [events.decode_counted(bytes(k), bytes(v)) for k, v in self.bpf[b"successes"].items()]
 
     def lost_records(self) -> int:
         return int(self.bpf[b"lost"].sum(0).value)

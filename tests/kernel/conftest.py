@@ -149,7 +149,8 @@ def tracer(ipvs):
     from ipvslb.model import TracerSettings
     from ipvslb.tracer import Tracer
 
-    t = Tracer(TracerSettings(connection_capacity=1024, ring_buffer_pages=256, report_closed=True))
+    t = Tracer(TracerSettings(connection_capacity=1024, ring_buffer_pages=256, report_closed=True,
+                              sample_interval=0.0))
     print(f"tracer compiled and attached in {t.compile_seconds:.1f} s ({t.attribution})")
     yield t
     t.close()

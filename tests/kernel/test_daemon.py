@@ -229,6 +229,12 @@ def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh,
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    # A burst, faster than one connect per backend and sample interval: the daemon times some
+    # of these connects and the kernel only counts the others.
+    for _ in range(30):
+        with socket.create_connection((VIP, PORT), timeout=3):
+            pass
+    time.sleep(0.5)
     with urllib.request.urlopen("http://127.0.0.1:9743/metrics", timeout=5) as reply:
         text = reply.read().decode()
     samples = {(s.name, frozenset(s.labels.items())): s.value
@@ -239,6 +245,10 @@ def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh,
     assert samples[("ipvslb_backend_state", frozenset(backend | {("state", "quarantined")}))] == 0
     assert samples[("ipvslb_tracer_lost_records_total", frozenset())] == 0
     assert samples[("ipvslb_tracer_records_total", frozenset({("kind", "established")}))] > 0
+    counted = samples[("ipvslb_tracer_counted_connects_total", frozenset())]
+    assert counted > 0
+    established = sum(v for (name, _), v in samples.items() if name == "ipvslb_backend_connects_established_total")
+    assert established >= 30
     assert samples[("ipvslb_reconcile_runs_total", frozenset())] >= 1
 
 

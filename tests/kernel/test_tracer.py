@@ -227,3 +227,50 @@ def test_tracked_connections_stay_bounded_and_drain(traced, topo):
     print(f"tracked while 1500 open: {during}; after 100000 connects: {after}; lost records: {lost}; {rate:.0f} connects/s")
     assert during <= 1024
     assert after <= 5
+
+
+@pytest.mark.parametrize("vip", [VIP4, VIP6])
+def test_sampling_times_one_connect_per_backend_and_interval_counts_the_rest_and_reports_every_failure(
+        traced, topo, vip):
+    """The daemon's default: settings.tracer.sample_interval. Checked against the backend
+    each connect greeted us from."""
+    backends = topo.backends[:2]
+    add_service(topo, vip, backends)
+    family = 6 if ":" in vip else 4
+    by_name = {f"b{b.index}": backend_of(b, vip) for b in backends}
+    traced.set_report_closed(False)
+    traced.set_sample_interval(5.0)  # longer than the test: exactly one timed connect per backend
+    try:
+        before = {c.backend: c.count for c in traced.counted()}
+        greeted = []
+        started = time.monotonic()
+        for _ in range(20):
+            name, s, _ = connect(vip, PORT)
+            greeted.append(by_name[name])
+            s.close()
+        assert time.monotonic() - started < 5.0
+        recs = records_for(traced, None)
+        counted = {c.backend: c.count - before.get(c.backend, 0) for c in traced.counted()
+                   if c.vip == (ipaddress.ip_address(vip), PORT)}
+        for backend in by_name.values():
+            timed = [e for e in recs if e.backend == backend]
+            assert [e.kind for e in timed] == [Kind.CONNECT, Kind.ESTABLISHED]
+            assert 1 + counted[backend] == greeted.count(backend)
+        print(f"IPv{family}: 20 connects, {len(recs)} records, counted {sorted(counted.values())}")
+
+        # Failures are reported for every connect, timed or not.
+        backends[1].set_mode("refuse")
+        refused = 0
+        for _ in range(6):
+            try:
+                _, s, _ = connect(vip, PORT)
+                s.close()
+            except ConnectFailed:
+                refused += 1
+        resets = [e for e in records_for(traced, None) if e.kind == Kind.RESET]
+        assert refused == 3
+        assert len(resets) == refused and {e.backend for e in resets} == {by_name[f"b{backends[1].index}"]}
+    finally:
+        traced.set_sample_interval(0.0)
+        traced.set_report_closed(True)
+        backends[1].set_mode("accept")

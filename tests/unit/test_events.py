@@ -49,6 +49,37 @@ def test_vip_key_matches_the_bpf_struct_layout():
     assert key == bytes([10, 0, 0, 1]) + b"\0" * 12 + (53).to_bytes(2, "little") + bytes([17, 2])
 
 
+def pair(vip="10.90.0.1", backend="fd77::2", protocol=6):
+    v, b = ipaddress.ip_address(vip), ipaddress.ip_address(backend)
+    return events.PAIR.pack(v.packed.ljust(16, b"\0"), b.packed.ljust(16, b"\0"), 80, 8080,
+                            2 if v.version == 4 else 10, 2 if b.version == 4 else 10, protocol)
+
+
+def test_pair_layout_is_struct_pair_and_decodes_both_families():
+    assert events.PAIR.size == 40 and events.PAIR_STATS.size == 24
+    c = events.decode_counted(pair(), events.PAIR_STATS.pack(7_000_000_000, 12, 7_500_000_000))
+    assert c == events.Counted("tcp", (ipaddress.ip_address("10.90.0.1"), 80),
+                               (ipaddress.ip_address("fd77::2"), 8080), 12, 7.5)
+
+
+def counted(count, backend="10.77.0.1"):
+    return events.decode_counted(pair(backend=backend), events.PAIR_STATS.pack(0, count, count * 10**9))
+
+
+def test_counted_since_returns_only_what_is_new_per_pair():
+    since = events.CountedSince()
+    assert [n for _, n in since.new([counted(5), counted(2, "10.77.0.2")])] == [5, 2]
+    assert [(c.backend[0].exploded, n) for c, n in since.new([counted(5), counted(9, "10.77.0.2")])] == [
+        ("10.77.0.2", 7)]
+    assert since.new([counted(5)]) == []
+
+
+def test_counted_since_a_pair_that_restarted_from_zero_counts_in_full():
+    since = events.CountedSince()
+    since.new([counted(50)])
+    assert [n for _, n in since.new([counted(3)])] == [3]
+
+
 def test_conntable_parses_ipv4_and_ipv6_rows():
     text = (
         "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"

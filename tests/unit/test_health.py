@@ -13,7 +13,7 @@ from ipvslb import health, metrics, status
 from ipvslb.events import ConnEvent, Kind
 from ipvslb.health import (
     ClosedInSynSent, ConnectStarted, Established, FreezeLifted, FreezeReported, ProbeResult,
-    QuarantineWithheld, ResetInSynSent, ServiceHealth, SetWeight, StartProbe, State, SynRetransmit,
+    QuarantineWithheld, ResetInSynSent, ServiceHealth, SetWeight, StartProbe, State, Successes, SynRetransmit,
     Transition, UdpNoReply, UdpReplied, UdpUnreachable,
 )
 from ipvslb.model import Backend, HealthSettings, Service
@@ -171,6 +171,26 @@ def test_established_resets_the_failure_streak():
     refuse(h, A, 10.3)
     refuse(h, A, 10.4)
     assert h.state(A) is State.SUSPECT  # 2 since the success, threshold 3
+
+
+def test_counted_successes_reset_the_streak_and_count_but_time_nothing():
+    h = make_engine(connect_history_min=1)
+    refuse(h, A, 10.0)
+    refuse(h, A, 10.1)
+    assert h.feed(Successes(A, 5, 10.2), 10.2) == []
+    refuse(h, A, 10.3)
+    refuse(h, A, 10.4)
+    assert h.state(A) is State.SUSPECT  # 2 since the successes, threshold 3
+    row = h.snapshot()["backends"][0]
+    assert row["counters"]["successes"] == 5
+    assert row["connect_deadline"] is None  # counted connects carry no connect time
+
+
+def test_counted_successes_for_unknown_or_disabled_backends_are_ignored():
+    h = make_engine(weights=[10, 10, 0])
+    assert h.feed(Successes(D, 3, 1.0), 1.0) == []
+    assert h.feed(Successes(C, 3, 1.0), 1.0) == []
+    assert [r["counters"]["successes"] for r in h.snapshot()["backends"]] == [0, 0, 0]
 
 
 def test_established_does_not_clear_suspicion_the_probe_decides():
@@ -519,6 +539,19 @@ def test_backoff_resets_when_probation_ends_after_real_successes():
     connect_ok(h, A, now + 5)  # during the ramp
     h.tick(now + 11)
     assert h.snapshot()["backends"][0]["backoff"] == 2  # not before probation ends
+    h.tick(now + 41)
+    assert h.snapshot()["backends"][0]["backoff"] == 1
+
+
+def test_counted_successes_in_probation_reset_the_backoff_like_established():
+    h = make_engine()
+    quarantine(h, A, 0.0)
+    now, _ = flap(h, A, h.next_deadline())
+    h.tick(now)
+    probe(h, A, True, now)
+    h.tick(now + 1)
+    probe(h, A, True, now + 1)
+    h.feed(Successes(A, 40, now + 5), now + 5)  # during the ramp, counted not timed
     h.tick(now + 41)
     assert h.snapshot()["backends"][0]["backoff"] == 1
 
