@@ -172,7 +172,8 @@ def main() -> None:
     tracer = Tracer(TracerSettings(ring_buffer_pages=4096))
     tracer.set_vips([("tcp", ipaddress.ip_address(VIP), PORT)])
     set_attached(tracer, False)
-    empty = BPF(text=EMPTY_HOOKS)
+    empty = BPF(text=EMPTY_HOOKS)  # bcc attaches the tracepoints; the kprobe, like the tracer's, by name
+    empty.attach_kprobe(event=KPROBE, fn_name=b"trace_ip_vs_conn_new")
     set_attached(empty, False)
     rows = []
 

@@ -97,8 +97,9 @@ class TracerSettings:
     connection_capacity: int = 65536
     ring_buffer_pages: int = 64
     report_closed: bool = False
-    # Seconds: routine records wake the daemon at most this often (failures at once).
-    wakeup_interval: float = 0.02
+    # Seconds: routine records wake the daemon at most this often (failures at once). Below
+    # the default connect_deadline_floor (0.2 s), so a connect is read before its deadline.
+    wakeup_interval: float = 0.1
     # Seconds: per (VIP, backend), one connect per interval is timed with records; the other
     # successes are counted in the kernel (0: every connect is reported).
     sample_interval: float = 0.02

@@ -199,6 +199,36 @@ def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fail
     b.set_mode("accept")
 
 
+def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are_only_counted(
+        fresh, _session_topology):
+    """At 100 connects/s per backend, faster than one per sample interval (20 ms), the tracer
+    times some connects and only counts the others. A blackhole is still caught by the
+    deadline of the next timed connect: at most one sample interval later than if every
+    connect were timed."""
+    b = _session_topology.backends[1]
+    counted_before = fresh.status()["counted_successes"]
+    client = ClientLoop(VIP, PORT, rate=300, timeout=3)
+    client.start()
+    wait_for(lambda: fresh.backends()[endpoint(b)]["connect_deadline"] is not None, 30, "a trusted deadline")
+    time.sleep(0.5)
+    counted = fresh.status()["counted_successes"] - counted_before
+    fault = time.monotonic()
+    b.set_mode("blackhole")
+    row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 10, "weight 0")
+    out_at = first_weight(row, lambda w: w == 0, fault)
+    time.sleep(4)
+    client.stop()
+    before_fault = [a for a in client.attempts if a.started < fault]
+    first_syn = min(a.started for a in client.attempts if a.started >= fault and (not a.ok or a.elapsed > 0.15))
+    print(f"blackholed at {len(before_fault) / (fault - before_fault[0].started):.0f} connects/s, {counted} "
+          f"counted without records before the fault: weight 0 {(out_at - first_syn) * 1000:.0f} ms after the "
+          f"first connect to it started")
+    assert counted > 0
+    assert out_at - first_syn < 0.5 + 0.02
+    assert [a for a in client.attempts if not a.ok] == []
+    b.set_mode("accept")
+
+
 def test_blackholed_backend_without_history_is_out_by_its_first_syn_retransmit_plus_one_probe(
         fresh, _session_topology):
     # A restart forgets every connect history: the deadline is not trusted yet, so the first

@@ -528,7 +528,8 @@ def test_backoff_does_not_reset_on_silence():
     assert h.snapshot()["backends"][0]["backoff"] == 1
 
 
-def test_backoff_resets_when_probation_ends_after_real_successes():
+@pytest.mark.parametrize("timed", [True, False], ids=["established", "counted"])
+def test_backoff_resets_when_probation_ends_after_real_successes(timed):
     h = make_engine()
     quarantine(h, A, 0.0)
     now, _ = flap(h, A, h.next_deadline())
@@ -536,22 +537,12 @@ def test_backoff_resets_when_probation_ends_after_real_successes():
     probe(h, A, True, now)
     h.tick(now + 1)
     probe(h, A, True, now + 1)
-    connect_ok(h, A, now + 5)  # during the ramp
+    if timed:  # during the ramp
+        connect_ok(h, A, now + 5)
+    else:
+        h.feed(Successes(A, 40, now + 5), now + 5)
     h.tick(now + 11)
     assert h.snapshot()["backends"][0]["backoff"] == 2  # not before probation ends
-    h.tick(now + 41)
-    assert h.snapshot()["backends"][0]["backoff"] == 1
-
-
-def test_counted_successes_in_probation_reset_the_backoff_like_established():
-    h = make_engine()
-    quarantine(h, A, 0.0)
-    now, _ = flap(h, A, h.next_deadline())
-    h.tick(now)
-    probe(h, A, True, now)
-    h.tick(now + 1)
-    probe(h, A, True, now + 1)
-    h.feed(Successes(A, 40, now + 5), now + 5)  # during the ramp, counted not timed
     h.tick(now + 41)
     assert h.snapshot()["backends"][0]["backoff"] == 1
 

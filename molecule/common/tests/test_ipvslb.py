@@ -174,7 +174,7 @@ def test_config_rendered_from_inventory(host):
     assert rendered["settings"]["vip_interface"] == "ipvslb0"
     assert rendered["settings"]["sysctls"]["conn_reuse_mode"] == "auto"
     assert rendered["settings"]["tracer"] == {"connection_capacity": 65536, "ring_buffer_pages": 64,
-                                              "report_closed": False, "wakeup_interval": 0.02,
+                                              "report_closed": False, "wakeup_interval": 0.1,
                                               "sample_interval": 0.02}
     assert host.run(f"ipvslb check-config {CONFIG}").rc == 0
 
