@@ -205,7 +205,9 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
     times some connects and only counts the others. A blackhole is still caught by the
     deadline of the next timed connect: at most one sample interval later than if every
     connect were timed."""
-    b = _session_topology.backends[1]
+    b = _session_topology.backends[2]
+    # Out of probation, where one failure re-quarantines at once: this is the normal path.
+    wait_for(lambda: fresh.backends()[endpoint(b)]["probation_until"] is None, 60, "probation over")
     counted_before = fresh.status()["counted_successes"]
     client = ClientLoop(VIP, PORT, rate=300, timeout=3)
     client.start()
@@ -224,6 +226,7 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
           f"counted without records before the fault: weight 0 {(out_at - first_syn) * 1000:.0f} ms after the "
           f"first connect to it started")
     assert counted > 0
+    assert "suspect -> quarantined: probe failed" in fresh.log().rsplit("healthy -> suspect", 1)[-1]
     assert out_at - first_syn < 0.5 + 0.02
     assert [a for a in client.attempts if not a.ok] == []
     b.set_mode("accept")
