@@ -319,11 +319,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         connecting.update(&slot, &sock);
         return 0;
     }
-    // Only a connect's own end leaves SYN_SENT: established, refused or given up. Everything
-    // else (server-side sockets, shutdown steps, closes after established) costs no lookup,
-    // unless closes are reported. A simultaneous open (SYN_SENT -> SYN_RECV) is not followed;
-    // its entry ages out of the LRU.
-    if (args->oldstate != TCP_SYN_SENT && !(args->newstate == TCP_CLOSE && option(OPT_REPORT_CLOSED)))
+    // Shutdown steps and the server side's SYN_RECV tell nothing: no lookup for them.
+    if (args->newstate != TCP_ESTABLISHED && args->newstate != TCP_CLOSE)
         return 0;
     struct conn *c = conns.lookup(&sock);
     if (!c)
