@@ -358,6 +358,10 @@ def test_a_healthy_backend_300ms_away_is_never_quarantined(fresh, _session_topol
     client.stop()
     rows = fresh.backends()
     far.set_delay(0)
+    to_far = [a for a in client.attempts if a.backend == f"b{far.index}"]
+    slow = sorted(round(a.elapsed, 2) for a in to_far if a.elapsed > 1.0)
+    print(f"300 ms away: {len(to_far)} connects to it, {len(slow)} over 1 s: {slow[:10]}; "
+          f"{fresh.log().count('healthy -> suspect')} suspicions in the daemon's log so far")
     assert all(r["state"] == "healthy" and r["weight"] == r["configured_weight"] for r in rows.values())
     assert not any(w < WEIGHT for r in rows.values() for t, w in r["weight_history"] if t >= started)
     assert [a for a in client.attempts if not a.ok] == []
