@@ -96,6 +96,12 @@ class _Addresses(dict):
 _ADDRESSES: list[_Addresses | None] = [None] * (AF_INET6 + 1)
 _ADDRESSES[AF_INET], _ADDRESSES[AF_INET6] = _Addresses(AF_INET), _Addresses(AF_INET6)
 _KINDS = {kind.value: kind for kind in Kind}
+
+
+def _address(raw: bytes, family: int) -> IPAddress:
+    return _ADDRESSES[AF_INET if family == AF_INET else AF_INET6][raw]  # type: ignore[index]
+
+
 _new_tuple = tuple.__new__
 
 
@@ -103,12 +109,10 @@ def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, badd
            vport: int, bport: int, retransmits: int, kind: int, family: int, protocol: int,
            bfamily: int, _pad: int) -> ConnEvent:
     """One record, every code checked: the path for records decode_slots' fast path refuses."""
-    def address(raw: bytes, fam: int) -> IPAddress:
-        return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
     return ConnEvent(
         Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol, str(protocol)),
-        (address(caddr, family), cport), (address(vaddr, family), vport),
-        (address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
+        (_address(caddr, family), cport), (_address(vaddr, family), vport),
+        (_address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
     )
 
 
@@ -149,10 +153,8 @@ def decode_pair(key: bytes) -> tuple[str, Endpoint, Endpoint]:
     """(protocol, VIP, backend) of a `successes` map key."""
     vaddr, baddr, vport, bport, family, bfamily, protocol = PAIR.unpack(key)
 
-    def address(raw: bytes, fam: int) -> IPAddress:
-        return _ADDRESSES[AF_INET if fam == AF_INET else AF_INET6][raw]  # type: ignore[index]
-    return (PROTOCOLS.get(protocol, str(protocol)), (address(vaddr, family), vport),
-            (address(baddr, bfamily), bport))
+    return (PROTOCOLS.get(protocol, str(protocol)), (_address(vaddr, family), vport),
+            (_address(baddr, bfamily), bport))
 
 
 def decode_counted(key: bytes, value: bytes) -> Counted:
