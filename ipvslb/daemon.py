@@ -320,6 +320,7 @@ class Daemon:
             "started": self.started,
             "attribution": self.tracer.attribution,
             "lost_records": self.tracer.lost_records(),
+            "missed_runs": self.tracer.missed_runs(),
             "records": dict(self.records),
             "counted_successes": self.counted_successes,
             "reconcile": vars(self.reconcile),

@@ -26,6 +26,10 @@ class Kind(enum.IntEnum):
     RESET = 5
     CLOSED_SYN_SENT = 6
     CLOSED = 7
+    # Established, but the kernel skipped the tracer at that transition (a tracing program
+    # was already running on that CPU): seen later, when the connection left ESTABLISHED.
+    # The connect succeeded; its duration is unknown, so `elapsed` is 0.
+    ESTABLISHED_UNTIMED = 8
 
     @property
     def label(self) -> str:

@@ -150,10 +150,13 @@ class ConnectStarted:
 
 @dataclass(frozen=True, slots=True)
 class Established:
+    """A connect to `backend` got its SYN-ACK. `connect_time` is None when the tracer saw the
+    connection only after it was established (events.Kind.ESTABLISHED_UNTIMED): still a
+    success, but no sample for the connect history."""
     backend: BackendKey
     conn: int
     t: float
-    connect_time: float
+    connect_time: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +288,8 @@ def evidence_from(event: ConnEvent) -> Evidence | None:
             return ConnectStarted(b, conn, t)
         case Kind.ESTABLISHED:
             return Established(b, conn, t, event.elapsed)
+        case Kind.ESTABLISHED_UNTIMED:
+            return Established(b, conn, t, None)
         case Kind.RESET:
             return ResetInSynSent(b, conn, t)
         case Kind.SYN_RETRANSMIT:
@@ -727,6 +732,8 @@ class ServiceHealth:
         b = self._backends.get(ev.backend)
         if b is None or b.state is State.DISABLED:
             return []
+        if ev.connect_time is None:
+            return self._success(b, ev.t)  # seen late: a success with no connect time
         # Time the connect on this backend, not since an earlier attempt IPVS rescheduled.
         started_here = pending is not None and pending.backend == ev.backend
         connect_time = ev.t - pending.started if started_here else ev.connect_time

@@ -56,6 +56,11 @@ class SnapshotCollector(Collector):
         lost = CounterMetricFamily("ipvslb_tracer_lost_records", "Tracer records lost to a full ring buffer.")
         lost.add_metric([], doc.get("lost_records", 0))
         yield lost
+        missed = CounterMetricFamily("ipvslb_tracer_missed_runs",
+                                     "Tracer program runs the kernel skipped because another tracing "
+                                     "program was running on that CPU.")
+        missed.add_metric([], doc.get("missed_runs", 0))
+        yield missed
         events = CounterMetricFamily("ipvslb_tracer_records", "Tracer records received, by kind.", labels=["kind"])
         for kind, count in doc.get("records", {}).items():
             events.add_metric([kind], count)

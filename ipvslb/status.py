@@ -58,6 +58,7 @@ def render(doc: dict) -> str:
     now = doc.get("now", time.monotonic())
     lines = [f"ipvslb {doc.get('version', '?')} pid {doc.get('pid', '?')}, attribution: "
              f"{doc.get('attribution', '?')}, lost tracer records: {doc.get('lost_records', 0)}, "
+             f"skipped tracer runs: {doc.get('missed_runs', 0)}, "
              f"connects counted without records: {doc.get('counted_successes', 0)}"]
     header = ("BACKEND", "STATE", "WEIGHT", "SINCE", "OK", "HARD", "SOFT", "QUAR", "LAST EVIDENCE")
     for svc in doc.get("services", []):

@@ -38,6 +38,13 @@ def source_path() -> Path:
     raise TracerUnavailable("ipvslb.bpf.c not found (set IPVSLB_BPF_DIR or reinstall the package)")
 
 
+def _recursion_misses(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("recursion_misses:"):
+            return int(line.split()[1])
+    return 0
+
+
 class Tracer:
     """One loaded BPF program. `attribution` is "kprobe" when IPVS's own choice of backend is
     traced, "conntable" when the kprobe could not attach and /proc/net/ip_vs_conn is read.
@@ -151,6 +158,14 @@ class Tracer:
 
     def lost_records(self) -> int:
         return int(self.bpf[b"lost"].sum(0).value)
+
+    def missed_runs(self) -> int:
+        """Times the kernel skipped one of the tracer's programs because a tracing program was
+        already running on that CPU (fdinfo recursion_misses: kernels before 6.7 do not count
+        these skips for kprobes and tracepoints, and report 0).
+        A skipped transition to ESTABLISHED is caught later (ESTABLISHED_UNTIMED); a skipped
+        reset or close loses that one piece of evidence."""
+        return sum(_recursion_misses(function.fd) for function in self.bpf.funcs.values())
 
     def tracked_connections(self) -> int:
         return sum(1 for _ in self.bpf[b"conns"].keys())

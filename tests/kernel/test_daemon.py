@@ -282,6 +282,7 @@ def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh,
     assert samples[("ipvslb_backend_state", frozenset(backend | {("state", "healthy")}))] == 1
     assert samples[("ipvslb_backend_state", frozenset(backend | {("state", "quarantined")}))] == 0
     assert samples[("ipvslb_tracer_lost_records_total", frozenset())] == 0
+    assert ("ipvslb_tracer_missed_runs_total", frozenset()) in samples  # the kernel's recursion_misses
     assert samples[("ipvslb_tracer_records_total", frozenset({("kind", "established")}))] > 0
     counted = samples[("ipvslb_tracer_counted_connects_total", frozenset())]
     assert counted > 0

@@ -94,6 +94,7 @@ def test_evidence_from_maps_tracer_records():
 
     assert health.evidence_from(rec(Kind.CONNECT)) == ConnectStarted(A, 42, 5.0)
     assert health.evidence_from(rec(Kind.ESTABLISHED, elapsed=0.02)) == Established(A, 42, 5.0, 0.02)
+    assert health.evidence_from(rec(Kind.ESTABLISHED_UNTIMED)) == Established(A, 42, 5.0, None)
     assert health.evidence_from(rec(Kind.RESET)) == ResetInSynSent(A, 42, 5.0)
     assert health.evidence_from(rec(Kind.SYN_RETRANSMIT, retransmits=1)) == SynRetransmit(A, 42, 5.0, 1)
     assert health.evidence_from(rec(Kind.CLOSED_SYN_SENT)) == ClosedInSynSent(A, 42, 5.0)
@@ -244,6 +245,22 @@ def test_connect_within_the_deadline_is_a_success():
     h.feed(Established(A, 903, 5.15, 0.15), 5.15)
     assert h.next_deadline() is None
     assert h.tick(10.0) == []
+
+
+def test_an_untimed_established_ends_its_connect_as_a_success_and_adds_no_connect_time():
+    # The tracer saw this connect established only later (the kernel skipped it at the
+    # transition): without the record its deadline would pass and count as a failure.
+    h = make_engine()
+    build_history(h, A, 0.0, connect_time=0.010)
+    successes = h.snapshot()["backends"][0]["counters"]["successes"]
+    h.feed(ConnectStarted(A, 905, 5.0), 5.0)
+    assert h.feed(Established(A, 905, 5.9, None), 5.9) == []
+    assert h.next_deadline() is None
+    assert h.tick(10.0) == []
+    row = h.snapshot()["backends"][0]
+    assert h.state(A) is State.HEALTHY
+    assert row["counters"]["successes"] == successes + 1
+    assert row["connect_deadline"] == pytest.approx(0.2)  # the 0.9 s it looked like is not a sample
 
 
 def test_deadline_adapts_to_a_slow_but_healthy_backend():
