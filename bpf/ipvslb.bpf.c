@@ -3,9 +3,10 @@
 //
 // Reports the fate of every TCP connect to a managed VIP:port and the real backend IPVS
 // chose for it. Only sockets whose destination is in `vips` are tracked: any other
-// connection costs one hash lookup and emits nothing. Kernel includes are kept to the
-// minimum (bcc 0.26 cannot parse <net/sock.h> of 6.12+), so the one IPVS struct we read is
-// declared here; its layout has been stable from 4.x to 7.x.
+// connection costs an array read (or, if its remote port is a VIP's, one hash lookup) and
+// emits nothing. Kernel includes are kept to the minimum (bcc 0.26 cannot parse
+// <net/sock.h> of 6.12+), so the few kernel structs we read are declared here; their
+// layouts have been stable from 4.x to 7.x.
 //
 // Build-time constants (passed by the loader as -D flags): CAPACITY (tracked connections),
 // RINGBUF_PAGES (power of two).
@@ -135,6 +136,10 @@ struct record {
 };
 
 BPF_HASH(vips, struct vip_key, u8, 4096);
+// The ports of the TCP entries in `vips`, by port: every TCP state change on the host passes
+// the tracepoints, and a socket whose remote port is no VIP's costs one array read (which
+// the verifier inlines) instead of a hash lookup.
+BPF_ARRAY(vip_ports, u8, 65536);
 BPF_TABLE("lru_hash", u64, struct conn, conns, CAPACITY);
 // The client port is not assigned yet when a socket enters SYN_SENT; the kprobe, which runs
 // in the same thread while the first SYN goes out, finds the socket here. An array slot per
@@ -168,6 +173,12 @@ BPF_HASH(successes, struct pair, struct pair_stats, 4096);
 BPF_ARRAY(options, u32, 3);
 BPF_ARRAY(last_wakeup, u64, 1);
 BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+
+static __always_inline int to_vip_port(u16 port) {
+    int index = port;
+    u8 *used = vip_ports.lookup(&index);
+    return used && *used;
+}
 
 static __always_inline u32 option(int index) {
     u32 *value = options.lookup(&index);
@@ -320,7 +331,7 @@ static __always_inline int claim_backend(u64 sock, struct conn *c) {
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != PROTO_TCP)
+    if (args->protocol != PROTO_TCP || !to_vip_port(args->dport))
         return 0;
     u64 sock = (u64)args->skaddr;
     if (args->newstate == TCP_SYN_SENT) {
@@ -385,6 +396,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
+    if (!to_vip_port(args->dport))
+        return 0;
     u64 sock = (u64)args->skaddr;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
@@ -405,6 +418,8 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
 }
 
 TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
+    if (!to_vip_port(args->dport))
+        return 0;
     u64 sock = (u64)args->skaddr;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)

@@ -87,6 +87,7 @@ class Tracer:
         self.set_wakeup_interval(settings.wakeup_interval)
         self.set_sample_interval(settings.sample_interval)
         self._vips: set[bytes] = set()
+        self._ports: set[int] = set()
 
     def _attach_kprobe(self) -> None:
         try:
@@ -104,7 +105,12 @@ class Tracer:
 
     def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
         """Trace exactly these (protocol, address, port) services from now on."""
+        vips = list(vips)
         wanted = {events.vip_key(*v) for v in vips}
+        ports = {port for protocol, _address, port in vips if protocol == "tcp"}
+        port_table = self.bpf[b"vip_ports"]
+        for port in ports - self._ports:
+            port_table[ctypes.c_int(port)] = ctypes.c_uint8(1)
         table = self.bpf[b"vips"]
         for key in self._vips - wanted:
             del table[table.Key.from_buffer_copy(key)]
@@ -116,7 +122,9 @@ class Tracer:
                 del counts[key]
         for key in wanted - self._vips:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
-        self._vips = wanted
+        for port in self._ports - ports:
+            port_table[ctypes.c_int(port)] = ctypes.c_uint8(0)
+        self._vips, self._ports = wanted, ports
 
     def fileno(self) -> int:
         """A descriptor that polls readable when the kernel wakes the reader: at once for

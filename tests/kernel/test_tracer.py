@@ -60,6 +60,30 @@ def test_connection_to_an_unmanaged_address_produces_no_record(traced, topo):
     assert records_for(traced, port) == []
 
 
+def test_the_traced_services_follow_set_vips_even_when_two_share_a_port(traced, topo):
+    """VIP4 and VIP6 share port 80: dropping one must not stop tracing the other (the
+    in-kernel port filter), dropping both stops all records, adding one back resumes."""
+    add_service(topo, VIP4, topo.backends[:1])
+    add_service(topo, VIP6, topo.backends[:1])
+
+    def traced_ports() -> dict[str, bool]:
+        ports = {}
+        for vip in (VIP4, VIP6):
+            _, s, _ = connect(vip, PORT)
+            ports[vip] = s.getsockname()[1]
+            s.close()
+        recs = records_for(traced, set(ports.values()))
+        return {vip: any(e.client[1] == port for e in recs) for vip, port in ports.items()}
+
+    assert traced_ports() == {VIP4: True, VIP6: True}
+    traced.set_vips([("tcp", ipaddress.ip_address(VIP4), PORT)])
+    assert traced_ports() == {VIP4: True, VIP6: False}
+    traced.set_vips([])
+    assert traced_ports() == {VIP4: False, VIP6: False}
+    traced.set_vips([("tcp", ipaddress.ip_address(VIP6), PORT)])
+    assert traced_ports() == {VIP4: False, VIP6: True}
+
+
 def test_by_default_an_established_connection_is_forgotten_and_its_close_not_reported(traced, topo):
     """report_closed off (the daemon's default): two records per connect, nothing left tracked."""
     b = topo.backends[0]

@@ -482,6 +482,40 @@ def test_failure_in_probation_after_the_ramp_requarantines_at_once():
     assert transitions(actions) == [(A, State.HEALTHY, State.QUARANTINED)]
 
 
+def test_a_missed_deadline_while_ramping_is_probed_and_only_a_failed_probe_requarantines():
+    # A missed deadline is an absence of evidence, which a skipped tracer run can fake: in
+    # probation too the probe decides. Hard evidence still re-quarantines at once (above).
+    h = make_engine()
+    quarantine(h, A, 0.0)
+    readmit(h, A, 1.01)  # ramp 2.03 .. 12.03
+    build_history(h, A, 2.1)  # deadline trusted: the 200 ms floor
+    h.feed(ConnectStarted(A, 920, 3.0), 3.0)
+    actions = h.tick(3.2)
+    assert transitions(actions) == []
+    assert only(actions, StartProbe) == [StartProbe(A, pytest.approx(0.2))]
+    assert probe(h, A, True, 3.3) == []
+    assert h.state(A) is State.RAMPING
+    h.feed(ConnectStarted(A, 921, 4.0), 4.0)
+    h.tick(4.2)
+    actions = probe(h, A, False, 4.3, "timed out")
+    assert transitions(actions) == [(A, State.RAMPING, State.QUARANTINED)]
+    assert h.next_deadline() == pytest.approx(4.3 + 2.0)  # a relapse: the backoff doubled
+
+
+def test_a_missed_deadline_in_probation_after_the_ramp_makes_the_backend_suspect():
+    h = make_engine()
+    quarantine(h, A, 0.0)
+    readmit(h, A, 1.01)
+    h.tick(12.1)  # ramp done; probation until 42.03
+    build_history(h, A, 13.0)
+    h.feed(ConnectStarted(A, 922, 20.0), 20.0)
+    actions = h.tick(20.2)
+    assert transitions(actions) == [(A, State.HEALTHY, State.SUSPECT)]
+    actions = probe(h, A, False, 20.3, "timed out")
+    assert transitions(actions) == [(A, State.SUSPECT, State.QUARANTINED)]
+    assert h.next_deadline() == pytest.approx(20.3 + 2.0)
+
+
 def test_after_probation_one_failure_only_raises_suspicion():
     h = make_engine()
     quarantine(h, A, 0.0)
