@@ -14,7 +14,8 @@ States of one backend (configured weight > 0)::
        |<--------probe ok---------+                  backoff elapsed (tick)  v  | probe fails,
        |                                                                 probing  or ok < rise
        |<--slow start done-- ramping <------------- rise probes ok ------------+
-       (probation: ramp + `probation` s; one failure -> quarantined, backoff x factor)
+       (probation: ramp + `probation` s; one failure -> quarantined, backoff x factor;
+        a missed deadline is probed first, and a failed probe is that failure)
 
     disabled: configured weight 0 -- the engine never touches such a backend.
 
@@ -818,7 +819,14 @@ class ServiceHealth:
         if b.state in OUT_OF_ROTATION:
             return []  # already out; the re-admission probes decide
         if self._in_probation(b, started, now):
-            return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
+            if counts_toward_streak:
+                return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
+            # A missed deadline is an absence of evidence, which a skipped tracer run can
+            # fake: in probation too the probe decides, and its failure is the relapse.
+            if b.state is State.RAMPING:
+                self._note(b, f"{evidence}: probing", now)
+                return self._probe_now(b)
+            return self._suspect(b, now, evidence)
         if b.state is State.RAMPING:
             return []  # a connect from before the re-admission
         if counts_toward_streak:
@@ -843,6 +851,8 @@ class ServiceHealth:
             return self._confirmation_answered(b, ev.ok, now, evidence)
         if b.state is State.PROBING:
             return self._readmission_answered(b, ev.ok, now, evidence)
+        if b.state is State.RAMPING and not ev.ok:  # probing a missed deadline in probation
+            return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
         return []  # a confirmation probe overtaken by a quarantine on the failure streak
 
     def _confirmation_answered(self, b: _Backend, ok: bool, now: float, evidence: str) -> list[Action]:
