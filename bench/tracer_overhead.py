@@ -208,6 +208,7 @@ def main() -> None:
         costs = cost_per_connect(tracer)
     finally:
         lost = tracer.lost_records()
+        skipped = tracer.missed_runs()
         counted = sum(c.count for c in tracer.counted())
         tracer.close()
         empty.cleanup()
@@ -229,7 +230,8 @@ def main() -> None:
         line(str(round_), base, *rates, extra=f"{sampled} / {every}")
     means = [sum(r[i] for r in rows) / len(rows) for i in range(1, len(cells) + 1)]
     line("mean", *means, extra="")
-    print(f"lost records: {lost}; connects counted in the kernel without records: {counted}")
+    print(f"lost records: {lost}; tracer runs the kernel skipped (recursion_misses): {skipped}; "
+          f"connects counted in the kernel without records: {counted}")
     print("\n".join(costs))
 
 
