@@ -28,7 +28,8 @@ class Kind(enum.IntEnum):
     CLOSED = 7
     # Established, but the kernel skipped the tracer at that transition (a tracing program
     # was already running on that CPU): seen later, when the connection left ESTABLISHED.
-    # The connect succeeded; its duration is unknown, so `elapsed` is 0.
+    # The connect succeeded; `elapsed` is the time until it was seen, only an upper bound
+    # of the connect time, which health therefore does not use.
     ESTABLISHED_UNTIMED = 8
 
     @property
@@ -69,6 +70,8 @@ class ConnEvent(NamedTuple):
         extra = ""
         if self.kind in (Kind.ESTABLISHED, Kind.RESET, Kind.SYN_RETRANSMIT, Kind.CLOSED_SYN_SENT):
             extra = f" after={self.elapsed * 1000:.1f}ms"
+        elif self.kind is Kind.ESTABLISHED_UNTIMED:
+            extra = f" seen-after={self.elapsed * 1000:.1f}ms"
         if self.retransmits:
             extra += f" retransmits={self.retransmits}"
         return (f"{self.ts:.6f} {self.kind.label:<15} {self.protocol} {format_endpoint(self.client)} -> "

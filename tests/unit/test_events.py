@@ -29,6 +29,13 @@ def test_decode_ipv6_and_missing_backend():
     assert "via ?" in str(e)
 
 
+def test_an_untimed_establishment_prints_when_it_was_seen_not_a_connect_time():
+    [e] = events.decode_slots(record(Kind.ESTABLISHED_UNTIMED))
+    assert e.kind.label == "established-untimed"
+    line = str(e)
+    assert "established-untimed" in line and "seen-after=250.0ms" in line and " after=" not in line
+
+
 def test_consecutive_slots_decode_in_order_and_share_address_objects():
     v6 = ipaddress.ip_address("fd90::1").packed
     kinds = [Kind.CONNECT, Kind.ESTABLISHED, Kind.RESET]
