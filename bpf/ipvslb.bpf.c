@@ -305,6 +305,13 @@ static __always_inline void missed_established(u64 sock, struct conn *c) {
         report(ESTABLISHED_UNTIMED, sock, c, 0);
 }
 
+// The same, from a hook where the connection's story ends unless closes are reported.
+static __always_inline void missed_established_forget(u64 sock, struct conn *c) {
+    missed_established(sock, c);
+    if (!option(OPT_REPORT_CLOSED))
+        conns.delete(&sock);
+}
+
 static __always_inline u8 sock_state(u64 sock) {
     struct sock_common_head head = {};
     bpf_probe_read_kernel(&head, sizeof(head), (void *)sock);
@@ -404,10 +411,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
         return 0;
     c->tuple.cport = args->sport;
     if (args->state != TCP_SYN_SENT) {
-        // A data retransmit of a connection whose ESTABLISHED was missed.
-        missed_established(sock, c);
-        if (!option(OPT_REPORT_CLOSED))
-            conns.delete(&sock);
+        missed_established_forget(sock, c);  // a data retransmit: it was established
         return 0;
     }
     if (claim_backend(sock, c))
@@ -426,10 +430,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
         return 0;
     c->tuple.cport = args->sport;
     if (sock_state(sock) != TCP_SYN_SENT) {
-        // A reset of a connection whose ESTABLISHED was missed: not a refused connect.
-        missed_established(sock, c);
-        if (!option(OPT_REPORT_CLOSED))
-            conns.delete(&sock);
+        missed_established_forget(sock, c);  // reset after establishing: not a refusal
         return 0;
     }
     claim_backend(sock, c);
