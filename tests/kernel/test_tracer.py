@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ipvslb.events import Kind
+from ipvslb.ipvs.sysctls import kernel_version
 from tests.kernel.conftest import ConnectFailed, connect, ipvsadm
 from tests.kernel.test_smoke import PORT, VIP4, VIP6, add_service
 
@@ -301,11 +302,6 @@ def test_sampling_times_one_connect_per_backend_and_interval_counts_the_rest_and
         traced.set_sample_interval(0.0)
         traced.set_report_closed(True)
         backends[1].set_mode("accept")
-
-
-def kernel_version() -> tuple[int, int]:
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int(minor)
 
 
 # A second tracing program that keeps a CPU inside BPF for a while at each getppid().
