@@ -479,6 +479,7 @@ _SETTINGS = {
     "status_socket": _absolute_path(max_bytes=107),
     "metrics_address": _metrics_address(),
     "log_level": _choice(LOG_LEVELS),
+    "nice": _integer(-20, 19, nullable=True),
     # At least a second: the daemon reads all of IPVS back this often, which takes
     # about as long as `ipvsadm -Sn` listing the same table.
     "ipvs_verify_interval": _verify_interval(),

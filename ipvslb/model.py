@@ -113,6 +113,10 @@ class Settings:
     status_socket: str = "/run/ipvslb/status.sock"
     metrics_address: str = "127.0.0.1:9742"
     log_level: str = "info"
+    # The daemon's nice value once its tracer is loaded: its reaction to evidence waits for a
+    # CPU, and on a busy host the applications it balances for compete for that CPU. None
+    # keeps the priority it was started with.
+    nice: int | None = -10
     # Seconds the IPVS manager trusts its record of what it wrote before reading the
     # kernel back in full; the daemon verifies this often, repairing others' changes.
     ipvs_verify_interval: float = 30.0

@@ -78,7 +78,11 @@ step status
 ipvslb status || fail "ipvslb status"
 attribution=$(status_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["attribution"])')
 [ "$attribution" = kprobe ] || fail "attribution is $attribution under the hardened unit, expected kprobe"
-pass "attribution $attribution"
+# The unit grants CAP_SYS_NICE and its system call filter lets setpriority through.
+nice=$(python3 -c 'import os, sys; print(os.getpriority(os.PRIO_PROCESS, int(sys.argv[1])))' \
+  "$(systemctl show -p MainPID --value ipvslb)")
+[ "$nice" = -10 ] || fail "daemon runs at nice $nice, expected -10 (settings.nice): $(journalctl -u ipvslb --no-pager | grep nice)"
+pass "attribution $attribution, nice $nice"
 
 step security
 systemd-analyze security --no-pager ipvslb.service > /tmp/security.txt 2>&1 || true

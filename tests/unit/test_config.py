@@ -168,6 +168,9 @@ MALFORMED = {
                                        "settings.ipvs_verify_interval: out of range: got 0, expected a number >= 1"),
     "verify interval as string": ("settings: {ipvs_verify_interval: 30s}\n" + SERVICE,
                                   "settings.ipvs_verify_interval: not a number: got '30s'"),
+    "nice out of range": ("settings: {nice: -21}\n" + SERVICE,
+                          "settings.nice: out of range: got -21, expected an integer from -20 to 19 or null"),
+    "nice as string": ("settings: {nice: high}\n" + SERVICE, "settings.nice: not an integer: got 'high'"),
     "log level": ("settings: {log_level: verbose}\n" + SERVICE,
                   "settings.log_level: unknown value: got 'verbose', expected one of debug, info"),
     "metrics address without port": ("settings: {metrics_address: 127.0.0.1}\n" + SERVICE,
@@ -315,6 +318,7 @@ def test_every_setting_can_be_given():
           status_socket: /run/lb.sock
           metrics_address: "[::1]:9100"
           log_level: debug
+          nice: null
           ipvs_verify_interval: 5
           sysctls: {conntrack: false, expire_nodest_conn: false, expire_quiescent_template: false,
                     conn_reuse_mode: 0}
@@ -354,7 +358,7 @@ def test_every_setting_can_be_given():
     cfg = config.parse(textwrap.dedent(text), "c.yaml")
     assert cfg.settings == model.Settings(
         vip_interface="lb0", manage_vips=False, state_dir="/srv/ipvslb", status_socket="/run/lb.sock",
-        metrics_address="[::1]:9100", log_level="debug", ipvs_verify_interval=5.0,
+        metrics_address="[::1]:9100", log_level="debug", nice=None, ipvs_verify_interval=5.0,
         sysctls=model.Sysctls(False, False, False, 0), tracer=model.TracerSettings(1024, 8))
     (svc,) = cfg.services
     assert (svc.protocol, svc.scheduler, svc.scheduler_flags, svc.persistence_timeout, svc.forwarding) == (

@@ -161,6 +161,12 @@ def test_service_enabled_and_running(host):
     assert main_pid(host) > 0
 
 
+def test_daemon_runs_at_the_configured_nice_value(host):
+    stat = host.file(f"/proc/{main_pid(host)}/stat").content_string
+    # Fields after the parenthesised command name start at field 3; nice is field 19.
+    assert int(stat.rsplit(")", 1)[1].split()[16]) == inventory_vars().get("ipvslb_nice", -10)
+
+
 def test_config_rendered_from_inventory(host):
     variables = inventory_vars()
     config = host.file(CONFIG)
@@ -171,6 +177,7 @@ def test_config_rendered_from_inventory(host):
     assert rendered["services"] == expected_services(variables)
     assert list(rendered["services"][0]) == [k for k in SERVICE_KEYS if k in rendered["services"][0]]
     assert rendered["settings"]["log_level"] == variables["ipvslb_log_level"]
+    assert rendered["settings"]["nice"] == -10
     assert rendered["settings"]["vip_interface"] == "ipvslb0"
     assert rendered["settings"]["sysctls"]["conn_reuse_mode"] == "auto"
     assert rendered["settings"]["tracer"] == {"connection_capacity": 65536, "ring_buffer_pages": 64,
