@@ -56,14 +56,13 @@ class ResetWatch:
     def _is_reset(self, frame: bytes) -> bool:
         ethertype = struct.unpack_from("!H", frame, 12)[0]
         address, port = self.source
+        ip_header = 14  # after the Ethernet header
         if ethertype == 0x0800 and len(address) == 4:
-            ip_header = 14
             header_length = (frame[ip_header] & 0x0F) * 4
             if frame[ip_header + 9] != socket.IPPROTO_TCP or frame[ip_header + 12:ip_header + 16] != address:
                 return False
             tcp = ip_header + header_length
         elif ethertype == 0x86DD and len(address) == 16:
-            ip_header = 14
             if frame[ip_header + 6] != socket.IPPROTO_TCP or frame[ip_header + 8:ip_header + 24] != address:
                 return False
             tcp = ip_header + 40
