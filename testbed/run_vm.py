@@ -134,8 +134,29 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
     # CI shows only the tail of a long log: repeat pytest's failure lines under the verdict.
     log = (out / "log").read_text(errors="replace") if (out / "log").exists() else ""
-    failures = [line for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failures)])
+    return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failure_lines(log))])
+
+
+def failure_lines(log: str, per_failure: int = 12) -> list[str]:
+    """pytest's FAILED/ERROR lines, each followed by its failure's `E ...` lines (the
+    assertion and the values), which otherwise sit far above the tail CI shows."""
+    explained: dict[str, list[str]] = {}
+    current = None
+    for line in log.splitlines():
+        header = re.match(r"_{3,} (?:ERROR at \w+ of )?(\S+) _{3,}$", line)
+        if header:
+            current = explained.setdefault(header.group(1), [])
+        elif line.startswith(("=", "-")):  # passes, the summary, a test's captured output
+            current = None
+        elif current is not None and line.startswith("E ") and len(current) < per_failure:
+            current.append(line)
+    lines = []
+    for line in log.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            lines.append(line)
+            test = line.split()[1].split("::", 1)[-1]
+            lines += [f"  {e}" for e in explained.get(test, [])]
+    return lines
 
 
 def main() -> int:

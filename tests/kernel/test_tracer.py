@@ -74,15 +74,17 @@ def test_the_traced_services_follow_set_vips_even_when_two_share_a_port(traced, 
             ports[vip] = s.getsockname()[1]
             s.close()
         recs = records_for(traced, set(ports.values()))
+        seen.append(f"ports {ports}: " + ", ".join(f"{e.kind.label} {e.client} -> {e.vip}" for e in recs))
         return {vip: any(e.client[1] == port for e in recs) for vip, port in ports.items()}
 
-    assert traced_ports() == {VIP4: True, VIP6: True}
+    seen: list[str] = []  # for the failure message: which records made a VIP look traced
+    assert traced_ports() == {VIP4: True, VIP6: True}, seen
     traced.set_vips([("tcp", ipaddress.ip_address(VIP4), PORT)])
-    assert traced_ports() == {VIP4: True, VIP6: False}
+    assert traced_ports() == {VIP4: True, VIP6: False}, seen
     traced.set_vips([])
-    assert traced_ports() == {VIP4: False, VIP6: False}
+    assert traced_ports() == {VIP4: False, VIP6: False}, seen
     traced.set_vips([("tcp", ipaddress.ip_address(VIP6), PORT)])
-    assert traced_ports() == {VIP4: False, VIP6: True}
+    assert traced_ports() == {VIP4: False, VIP6: True}, seen
 
 
 def test_by_default_an_established_connection_is_forgotten_and_its_close_not_reported(traced, topo):
