@@ -143,7 +143,7 @@ def failure_lines(log: str, per_failure: int = 12) -> list[str]:
     explained: dict[str, list[str]] = {}
     current = None
     for line in log.splitlines():
-        header = re.match(r"_{3,} (?:ERROR at \w+ of )?(\S+) _{3,}$", line)
+        header = re.match(r"_+ (?:ERROR at \w+ of )?(\S+) _+$", line)
         if header:
             current = explained.setdefault(header.group(1), [])
         elif line.startswith(("=", "-")):  # passes, the summary, a test's captured output

@@ -87,6 +87,35 @@ def test_the_traced_services_follow_set_vips_even_when_two_share_a_port(traced, 
     assert traced_ports() == {VIP4: False, VIP6: True}, seen
 
 
+def test_a_connect_does_not_inherit_an_entry_a_skipped_close_left_at_its_socket(traced, topo):
+    """A connection stays tracked until its close is seen. When the kernel skips that run
+    (see the test of a skipped ESTABLISHED) the entry stays under the socket's address, where
+    the next connect starts: the same socket connecting again, or a new one in the same
+    memory. Injected here: a live connection's entry copied under the address of a socket
+    whose connect was refused; that socket then connects to a service the tracer does not
+    watch, on the watched services' port."""
+    refusing, other = topo.backends[1], topo.backends[0]
+    untraced_vip = "10.90.0.9"
+    add_service(topo, untraced_vip, [other])
+    add_service(topo, VIP4, [refusing])
+    refusing.set_mode("refuse")
+    # Blocking: after a failed non-blocking connect Linux aborts the next connect() instead.
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    assert s.connect_ex((VIP4, PORT)) != 0
+    [reset] = [e for e in records_for(traced, None) if e.kind == Kind.RESET]
+    refusing.set_mode("accept")
+    live = open_socket(VIP4)
+    live.connect((VIP4, PORT))
+    [established] = [e for e in records_for(traced, live.getsockname()[1]) if e.kind == Kind.ESTABLISHED]
+    conns = traced.bpf[b"conns"]
+    conns[conns.Key(reset.sock)] = conns[conns.Key(established.sock)]
+    s.connect((untraced_vip, PORT))  # a TCP socket may connect again after a refusal
+    port = s.getsockname()[1]
+    s.close()
+    live.close()
+    assert records_for(traced, port) == []
+
+
 def test_by_default_an_established_connection_is_forgotten_and_its_close_not_reported(traced, topo):
     """report_closed off (the daemon's default): two records per connect, nothing left tracked."""
     b = topo.backends[0]

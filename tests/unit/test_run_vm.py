@@ -17,7 +17,7 @@ ___________________ ERROR at setup of test_broken_fixture ______________________
 >       raise RuntimeError("no veth")
 E       RuntimeError: no veth
 =================================== FAILURES ===================================
-______________________________ test_bad[fd90::1] _______________________________
+_ test_bad[fd90::1] _
     def test_bad(vip):
 >       assert ports() == {"a": True}
 E       AssertionError: assert {'a': False} == {'a': True}
