@@ -75,7 +75,8 @@ def test_the_traced_services_follow_set_vips_even_when_two_share_a_port(traced, 
             s.close()
         recs = records_for(traced, set(ports.values()))
         seen.append(f"ports {ports}: " + ", ".join(f"{e.kind.label} {e.client} -> {e.vip}" for e in recs))
-        return {vip: any(e.client[1] == port for e in recs) for vip, port in ports.items()}
+        return {vip: any(e.client[1] == port and e.vip == (ipaddress.ip_address(vip), PORT) for e in recs)
+                for vip, port in ports.items()}
 
     seen: list[str] = []  # for the failure message: which records made a VIP look traced
     assert traced_ports() == {VIP4: True, VIP6: True}, seen
