@@ -108,14 +108,14 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     lock = vm_lock(shared)
     started = time.monotonic()
     try:
-        vm_said = boot(argv, env, timeout)
+        vm_said = boot(argv, env, timeout, out / "vng.log")
         # QEMU's TCG has crashed (a segfault, in the host's dmesg) while booting on these
         # machines. The guest never started the command, so nothing was tested: boot once
         # more. A guest that started (it writes its log first) is never rerun.
         if not (out / "log").exists() and not vm_said[0].startswith("timed out"):
             print(f"run_vm: the {name} VM ended before its guest started ({'; '.join(vm_said)}); "
                   "booting it once more", flush=True)
-            vm_said = boot(argv, env, timeout)
+            vm_said = boot(argv, env, timeout, out / "vng.log")
     finally:
         lock.close()
     wall = time.monotonic() - started
@@ -129,7 +129,7 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     ok = rc == 0 and not bad
     why = []
     if rc is None:
-        why += ["no exit code from the guest", *vm_said]
+        why += ["no exit code from the guest", *vm_said, f"vng's output in {out / 'vng.log'}"]
     elif rc:
         why.append(f"exit code {rc}")
     if bad:
@@ -141,13 +141,16 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failure_lines(log))])
 
 
-def boot(argv: list[str], env: dict[str, str], timeout: float) -> list[str]:
+def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> list[str]:
     """Run one VM; return how vng ended, for when the guest reports nothing. (vng exits 255
-    even when the guest's command succeeded: the guest's own exit code is in `rc`.)"""
+    even when the guest's command succeeded: the guest's own exit code is in `rc`.) What vng
+    and QEMU printed is appended to `vng_log`, for a VM that died."""
     try:
         vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return [f"timed out after {timeout:.0f} s"]
+    with vng_log.open("a") as f:
+        f.write(f"--- vng exit code {vm.returncode}\n{vm.stdout}{vm.stderr}")
     return [f"vng exit code {vm.returncode}", *(vm.stderr.strip() or vm.stdout.strip()).splitlines()[-5:]]
 
 
