@@ -10,7 +10,10 @@ filesystem copy-on-write and 2 GiB. The guest writes its log, exit code and dmes
 results directory shared with --rwdir; the host follows the log live, then prints one
 summary line per kernel, with each failed test's assertion lines under it. The run fails
 if any kernel's command fails, times out, or its dmesg shows BUG:/WARNING:/Oops. A VM that
-ends before its guest starts the command (QEMU has crashed while booting) boots once more.
+ends before its guest starts the command (QEMU has crashed while booting) boots once more,
+and so does one whose guest kernel died of an int3 that QEMU's emulation of self-patching
+kernel code left behind (see emulator_fault); the summary line says so. The guest kernel's
+console is kept in vng.log and its crash lines are named in the summary.
 """
 from __future__ import annotations
 
@@ -99,29 +102,33 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     vng = shutil.which("vng", path=f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     if vng is None:
         raise SystemExit("run_vm: vng not found; run `make venv` first")
-    argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "-m", memory, "--rwdir", str(out), "--", str(script)]
+    # --verbose: the guest kernel's console goes to vng.log, so a guest that panics says why.
+    argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "--verbose", "-m", memory, "--rwdir", str(out), "--",
+            str(script)]
     env = dict(os.environ, PATH=f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    stop = threading.Event()
-    follower = threading.Thread(target=follow, args=(out / "log", f"[{name}] ", stop), daemon=True)
-    if not quiet:
-        follower.start()
     lock = vm_lock(shared)
     started = time.monotonic()
+    reruns = []
     try:
-        vm_said = boot(argv, env, timeout, out / "vng.log")
+        vm_said = attempt(argv, env, timeout, out, name, quiet)
         # QEMU's TCG has crashed (a segfault, in the host's dmesg) while booting on these
         # machines. The guest never started the command, so nothing was tested: boot once
-        # more. A guest that started (it writes its log first) is never rerun.
+        # more. A guest that started (it writes its log first) is rerun only when the
+        # emulator itself broke it (see emulator_fault).
         if not (out / "log").exists() and not vm_said[0].startswith("timed out"):
             print(f"run_vm: the {name} VM ended before its guest started ({'; '.join(vm_said)}); "
                   "booting it once more", flush=True)
-            vm_said = boot(argv, env, timeout, out / "vng.log")
+            vm_said = attempt(argv, env, timeout, out, name, quiet)
+        elif not (out / "rc").exists() and (fault := emulator_fault(vm_said)):
+            kept = out / "log.1"
+            (out / "log").replace(kept)
+            reruns.append(f"first run died of an emulator fault ({fault}; its log: {kept}), ran once more")
+            print(f"run_vm: the {name} guest died of an emulator fault ({fault}); running it once more",
+                  flush=True)
+            vm_said = attempt(argv, env, timeout, out, name, quiet)
     finally:
         lock.close()
     wall = time.monotonic() - started
-    stop.set()
-    if follower.is_alive():
-        follower.join()
     rc_file = out / "rc"
     rc = int(rc_file.read_text()) if rc_file.exists() and rc_file.read_text().strip() else None
     dmesg = (out / "dmesg").read_text(errors="replace") if (out / "dmesg").exists() else ""
@@ -129,29 +136,85 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     ok = rc == 0 and not bad
     why = []
     if rc is None:
-        why += ["no exit code from the guest", *vm_said, f"vng's output in {out / 'vng.log'}"]
+        why += ["no exit code from the guest", *guest_crash(vm_said), f"vng's output and the guest's console in "
+                f"{out / 'vng.log'}"]
     elif rc:
         why.append(f"exit code {rc}")
     if bad:
         why.append(f"dmesg: {bad[0].strip()}")
-    verdict = "passed" if ok else "FAILED (" + "; ".join(why) + ")"
+    verdict = ("passed" if ok else "FAILED (" + "; ".join(why) + ")") + "".join(f" [{r}]" for r in reruns)
     summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
     # CI shows only the tail of a long log: repeat pytest's failure lines under the verdict.
     log = (out / "log").read_text(errors="replace") if (out / "log").exists() else ""
     return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failure_lines(log))])
 
 
-def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> list[str]:
-    """Run one VM; return how vng ended, for when the guest reports nothing. (vng exits 255
-    even when the guest's command succeeded: the guest's own exit code is in `rc`.) What vng
-    and QEMU printed is appended to `vng_log`, for a VM that died."""
+def attempt(argv: list[str], env: dict[str, str], timeout: float, out: Path, name: str,
+            quiet: bool) -> list[str]:
+    """One boot, with the guest's log followed live unless `quiet`."""
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(out / "log", f"[{name}] ", stop), daemon=True)
+    if not quiet:
+        follower.start()
     try:
-        vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [f"timed out after {timeout:.0f} s"]
+        return boot(argv, env, timeout, out / "vng.log")
+    finally:
+        stop.set()
+        if follower.is_alive():
+            follower.join()
+
+
+def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> list[str]:
+    """Run one VM; return how vng ended and every line it and the guest's console printed,
+    for when the guest reports nothing. (vng exits 255 even when the guest's command
+    succeeded: the guest's own exit code is in `rc`.) The same is appended to `vng_log`."""
+    try:
+        vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired as late:
+        printed_ = printed(late.stdout) + printed(late.stderr)
+        with vng_log.open("a") as f:
+            f.write(f"--- timed out after {timeout:.0f} s\n{printed_}")
+        return [f"timed out after {timeout:.0f} s", *printed_.splitlines()]
     with vng_log.open("a") as f:
         f.write(f"--- vng exit code {vm.returncode}\n{vm.stdout}{vm.stderr}")
-    return [f"vng exit code {vm.returncode}", *(vm.stderr.strip() or vm.stdout.strip()).splitlines()[-5:]]
+    return [f"vng exit code {vm.returncode}", *(vm.stdout + vm.stderr).splitlines()]
+
+
+# The guest kernel's own account of its death, from its console.
+CRASH_LINE = re.compile(r"\] (Oops: .*|BUG: .*|RIP: 0010:.*|Kernel panic - .*)$")
+
+
+def guest_crash(vm_said: list[str]) -> list[str]:
+    """How vng ended, then either the guest kernel's crash lines (the first Oops/BUG, where,
+    and the panic) or, when there are none, the last lines printed."""
+    crash = []
+    for line in vm_said[1:]:
+        found = CRASH_LINE.search(line)
+        if found and not any(c.split(":")[0] == found.group(1).split(":")[0] for c in crash):
+            crash.append(found.group(1))
+    tail = [line for line in vm_said[1:] if line.strip()][-5:]
+    return [vm_said[0], *(crash or tail)]
+
+
+def emulator_fault(vm_said: list[str]) -> str | None:
+    """The guest kernel trapped on an int3 that is not in its code: the kernel patches its
+    own text (static keys when tracing is switched on or off, ftrace for kprobes) with a
+    temporary int3, and QEMU's TCG, running the other vCPU, can still execute the bytes
+    from before the patch finished. The bytes at the reported address are the final ones.
+    Nothing in the guest's software can cause that trap, so the run says nothing about it."""
+    crash = guest_crash(vm_said)[1:]
+    if any(line.startswith("Oops: int3") for line in crash):
+        where = next((line for line in crash if line.startswith("RIP:")), "")
+        return f"Oops: int3 {where}".strip()
+    return None
+
+
+def printed(output: bytes | str | None) -> str:
+    """What a timed-out process had printed (bytes, whatever `text` asked for)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def failure_lines(log: str, per_failure: int = 12) -> list[str]:

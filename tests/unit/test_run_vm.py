@@ -48,3 +48,38 @@ def test_the_assertion_lines_per_failure_are_capped():
     many = LOG.replace("E         Differing items:\n", "E         more\n" * 50)
     lines = run_vm.failure_lines(many, per_failure=3)
     assert len([line for line in lines if line.startswith("  E")]) == 3 + 1
+
+
+# What vng printed for a guest that died while the benchmark attached the tracer (6.12,
+# 2026-11-27), shortened.
+CONSOLE = [
+    "vng exit code 255",
+    "[    7.399382] IPVS: ipvs loaded.",
+    "[  115.333903] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+    "[  115.334158] CPU: 0 UID: 0 PID: 214 Comm: python3 Not tainted 6.12.117+deb13-amd64 #1",
+    "[  115.334281] RIP: 0010:inet_sk_state_store+0x15/0x70",
+    "[  115.335298]  tcp_disconnect+0x48d/0x610",
+    "[  115.336558] RIP: 0010:inet_sk_state_store+0x15/0x70",
+    "[  115.336739] Kernel panic - not syncing: Fatal exception in interrupt",
+    "[  115.341948] Kernel Offset: 0x19400000 from 0xffffffff81000000",
+]
+
+
+def test_a_guest_kernel_crash_is_named_by_its_oops_where_and_panic():
+    assert run_vm.guest_crash(CONSOLE) == [
+        "vng exit code 255",
+        "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+        "RIP: 0010:inet_sk_state_store+0x15/0x70",
+        "Kernel panic - not syncing: Fatal exception in interrupt",
+    ]
+    assert run_vm.emulator_fault(CONSOLE) == "Oops: int3 RIP: 0010:inet_sk_state_store+0x15/0x70"
+
+
+def test_a_guest_that_died_otherwise_is_not_taken_for_an_emulator_fault():
+    null_deref = [line.replace("Oops: int3: 0000", "BUG: kernel NULL pointer dereference, address: 0")
+                  for line in CONSOLE]
+    assert run_vm.emulator_fault(null_deref) is None
+    assert run_vm.guest_crash(null_deref)[1].startswith("BUG: kernel NULL pointer dereference")
+    silent = ["vng exit code 255", "booting", "", "last words"]
+    assert run_vm.emulator_fault(silent) is None
+    assert run_vm.guest_crash(silent) == ["vng exit code 255", "booting", "last words"]
