@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels  # noqa: E402
@@ -115,8 +116,8 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
         # machines. The guest never started the command, so nothing was tested: boot once
         # more. A guest that started (it writes its log first) is rerun only when the
         # emulator itself broke it (see emulator_fault).
-        if not (out / "log").exists() and not vm_said[0].startswith("timed out"):
-            print(f"run_vm: the {name} VM ended before its guest started ({'; '.join(vm_said)}); "
+        if not (out / "log").exists() and not vm_said.timed_out:
+            print(f"run_vm: the {name} VM ended before its guest started ({'; '.join(guest_crash(vm_said))}); "
                   "booting it once more", flush=True)
             vm_said = attempt(argv, env, timeout, out, name, quiet)
         elif not (out / "rc").exists() and (fault := emulator_fault(vm_said)):
@@ -142,15 +143,21 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
         why.append(f"exit code {rc}")
     if bad:
         why.append(f"dmesg: {bad[0].strip()}")
-    verdict = ("passed" if ok else "FAILED (" + "; ".join(why) + ")") + "".join(f" [{r}]" for r in reruns)
-    summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s"
+    verdict = "passed" if ok else "FAILED (" + "; ".join(why) + ")"
+    summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s" + "".join(f" [{r}]" for r in reruns)
     # CI shows only the tail of a long log: repeat pytest's failure lines under the verdict.
     log = (out / "log").read_text(errors="replace") if (out / "log").exists() else ""
     return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failure_lines(log))])
 
 
+class VmEnd(NamedTuple):
+    how: str              # "vng exit code N" or "timed out after N s"
+    timed_out: bool
+    printed: list[str]    # every line vng, QEMU and the guest's console printed
+
+
 def attempt(argv: list[str], env: dict[str, str], timeout: float, out: Path, name: str,
-            quiet: bool) -> list[str]:
+            quiet: bool) -> VmEnd:
     """One boot, with the guest's log followed live unless `quiet`."""
     stop = threading.Event()
     follower = threading.Thread(target=follow, args=(out / "log", f"[{name}] ", stop), daemon=True)
@@ -164,7 +171,7 @@ def attempt(argv: list[str], env: dict[str, str], timeout: float, out: Path, nam
             follower.join()
 
 
-def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> list[str]:
+def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> VmEnd:
     """Run one VM; return how vng ended and every line it and the guest's console printed,
     for when the guest reports nothing. (vng exits 255 even when the guest's command
     succeeded: the guest's own exit code is in `rc`.) The same is appended to `vng_log`."""
@@ -175,29 +182,29 @@ def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) ->
         printed_ = printed(late.stdout) + printed(late.stderr)
         with vng_log.open("a") as f:
             f.write(f"--- timed out after {timeout:.0f} s\n{printed_}")
-        return [f"timed out after {timeout:.0f} s", *printed_.splitlines()]
+        return VmEnd(f"timed out after {timeout:.0f} s", True, printed_.splitlines())
     with vng_log.open("a") as f:
         f.write(f"--- vng exit code {vm.returncode}\n{vm.stdout}{vm.stderr}")
-    return [f"vng exit code {vm.returncode}", *(vm.stdout + vm.stderr).splitlines()]
+    return VmEnd(f"vng exit code {vm.returncode}", False, (vm.stdout + vm.stderr).splitlines())
 
 
 # The guest kernel's own account of its death, from its console.
 CRASH_LINE = re.compile(r"\] (Oops: .*|BUG: .*|RIP: 0010:.*|Kernel panic - .*)$")
 
 
-def guest_crash(vm_said: list[str]) -> list[str]:
+def guest_crash(vm_said: VmEnd) -> list[str]:
     """How vng ended, then either the guest kernel's crash lines (the first Oops/BUG, where,
     and the panic) or, when there are none, the last lines printed."""
     crash = []
-    for line in vm_said[1:]:
+    for line in vm_said.printed:
         found = CRASH_LINE.search(line)
         if found and not any(c.split(":")[0] == found.group(1).split(":")[0] for c in crash):
             crash.append(found.group(1))
-    tail = [line for line in vm_said[1:] if line.strip()][-5:]
-    return [vm_said[0], *(crash or tail)]
+    tail = [line for line in vm_said.printed if line.strip()][-5:]
+    return [vm_said.how, *(crash or tail)]
 
 
-def emulator_fault(vm_said: list[str]) -> str | None:
+def emulator_fault(vm_said: VmEnd) -> str | None:
     """The guest kernel trapped on an int3 that is not in its code: the kernel patches its
     own text (static keys when tracing is switched on or off, ftrace for kprobes) with a
     temporary int3, and QEMU's TCG, running the other vCPU, can still execute the bytes

@@ -52,8 +52,7 @@ def test_the_assertion_lines_per_failure_are_capped():
 
 # What vng printed for a guest that died while the benchmark attached the tracer (6.12,
 # 2026-11-27), shortened.
-CONSOLE = [
-    "vng exit code 255",
+CONSOLE = run_vm.VmEnd("vng exit code 255", False, [
     "[    7.399382] IPVS: ipvs loaded.",
     "[  115.333903] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
     "[  115.334158] CPU: 0 UID: 0 PID: 214 Comm: python3 Not tainted 6.12.117+deb13-amd64 #1",
@@ -62,7 +61,7 @@ CONSOLE = [
     "[  115.336558] RIP: 0010:inet_sk_state_store+0x15/0x70",
     "[  115.336739] Kernel panic - not syncing: Fatal exception in interrupt",
     "[  115.341948] Kernel Offset: 0x19400000 from 0xffffffff81000000",
-]
+])
 
 
 def test_a_guest_kernel_crash_is_named_by_its_oops_where_and_panic():
@@ -76,10 +75,61 @@ def test_a_guest_kernel_crash_is_named_by_its_oops_where_and_panic():
 
 
 def test_a_guest_that_died_otherwise_is_not_taken_for_an_emulator_fault():
-    null_deref = [line.replace("Oops: int3: 0000", "BUG: kernel NULL pointer dereference, address: 0")
-                  for line in CONSOLE]
+    null_deref = CONSOLE._replace(printed=[
+        line.replace("Oops: int3: 0000", "BUG: kernel NULL pointer dereference, address: 0")
+        for line in CONSOLE.printed])
     assert run_vm.emulator_fault(null_deref) is None
     assert run_vm.guest_crash(null_deref)[1].startswith("BUG: kernel NULL pointer dereference")
-    silent = ["vng exit code 255", "booting", "", "last words"]
+    silent = run_vm.VmEnd("vng exit code 255", False, ["booting", "", "last words"])
     assert run_vm.emulator_fault(silent) is None
     assert run_vm.guest_crash(silent) == ["vng exit code 255", "booting", "last words"]
+
+
+def fake_runs(monkeypatch, tmp_path, *guests):
+    """run_kernel with each boot replaced by the next of `guests`: a function that plays the
+    guest in the results directory and returns how the VM ended."""
+    monkeypatch.setattr(run_vm, "RESULTS", tmp_path)
+    monkeypatch.setattr(run_vm.kernels, "fetch", lambda name: tmp_path / "vmlinuz")
+    monkeypatch.setattr(run_vm.kernels, "release_of", lambda name: "6.12.0-test")
+    monkeypatch.setattr(run_vm.shutil, "which", lambda *a, **k: "/usr/bin/vng")
+    boots = iter(guests)
+    monkeypatch.setattr(run_vm, "attempt", lambda argv, env, timeout, out, name, quiet: next(boots)(out))
+    return lambda: run_vm.run_kernel("6.12", "true", 60, "2G", quiet=True)
+
+
+def crashed(out):
+    (out / "log").write_text("tests/kernel/test_a.py::test_ok PASSED\n")
+    return CONSOLE
+
+
+def passed(out):
+    (out / "log").write_text("1 passed\n")
+    (out / "rc").write_text("0\n")
+    (out / "dmesg").write_text("")
+    return run_vm.VmEnd("vng exit code 255", False, [])
+
+
+def test_a_guest_killed_by_the_emulator_runs_once_more_and_the_summary_says_so(monkeypatch, tmp_path):
+    ok, summary = fake_runs(monkeypatch, tmp_path, crashed, passed)()
+    assert ok
+    assert summary.startswith("kernel 6.12 (6.12.0-test): passed in ")
+    assert "first run died of an emulator fault (Oops: int3 RIP: 0010:inet_sk_state_store" in summary
+    kept = next(tmp_path.glob("6.12-*/log.1"))
+    assert kept.read_text() == "tests/kernel/test_a.py::test_ok PASSED\n"
+
+
+def test_a_guest_killed_twice_fails_with_its_crash_lines(monkeypatch, tmp_path):
+    ok, summary = fake_runs(monkeypatch, tmp_path, crashed, crashed)()
+    assert not ok
+    assert "FAILED (no exit code from the guest; vng exit code 255; Oops: int3" in summary
+    assert "Kernel panic - not syncing" in summary
+
+
+def test_a_guest_that_died_of_its_own_oops_is_not_rerun(monkeypatch, tmp_path):
+    def own_bug(out):
+        crashed(out)
+        return CONSOLE._replace(printed=[line.replace("Oops: int3: 0000", "BUG: unable to handle page fault")
+                                         for line in CONSOLE.printed])
+    ok, summary = fake_runs(monkeypatch, tmp_path, own_bug, passed)()
+    assert not ok
+    assert "BUG: unable to handle page fault" in summary and "ran once more" not in summary
