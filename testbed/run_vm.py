@@ -205,16 +205,25 @@ def guest_crash(vm_said: VmEnd) -> list[str]:
 
 
 def emulator_fault(vm_said: VmEnd) -> str | None:
-    """The guest kernel trapped on an int3 that is not in its code: the kernel patches its
-    own text (static keys when tracing is switched on or off, ftrace for kprobes) with a
-    temporary int3, and QEMU's TCG, running the other vCPU, can still execute the bytes
-    from before the patch finished. The bytes at the reported address are the final ones.
-    Nothing in the guest's software can cause that trap, so the run says nothing about it."""
+    """Whether the guest kernel died of an int3 that is not in its memory. The kernel patches
+    its own text (static keys when tracing is switched on or off, ftrace for kprobes) with a
+    temporary int3, and QEMU's TCG can run the other vCPU on the bytes from before the patch
+    finished. The oops's `Code:` line shows memory around the address after the trap, the
+    byte there in <>: when the byte before it is no int3 (0xcc), the CPU trapped on code that
+    memory no longer held, which hardware does not do. An int3 still in memory is the
+    guest's own and is not excused."""
     crash = guest_crash(vm_said)[1:]
-    if any(line.startswith("Oops: int3") for line in crash):
-        where = next((line for line in crash if line.startswith("RIP:")), "")
-        return f"Oops: int3 {where}".strip()
-    return None
+    if not any(line.startswith("Oops: int3") for line in crash):
+        return None
+    code = next((CODE_AT.search(line) for line in vm_said.printed if CODE_AT.search(line)), None)
+    if code is None or code.group(1) == "cc":
+        return None
+    where = next((line for line in crash if line.startswith("RIP:")), "")
+    return " ".join(filter(None, ["Oops: int3", where])) + ", no int3 in memory there"
+
+
+# The byte before the trapping address and the byte at it, in an oops's `Code:` line.
+CODE_AT = re.compile(r"Code: (?:[0-9a-f]{2} )*([0-9a-f]{2}) <([0-9a-f]{2})>")
 
 
 def printed(output: bytes | str | None) -> str:

@@ -57,6 +57,8 @@ CONSOLE = run_vm.VmEnd("vng exit code 255", False, [
     "[  115.333903] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
     "[  115.334158] CPU: 0 UID: 0 PID: 214 Comm: python3 Not tainted 6.12.117+deb13-amd64 #1",
     "[  115.334281] RIP: 0010:inet_sk_state_store+0x15/0x70",
+    "[  115.334481] Code: 00 00 00 00 00 90 90 90 90 90 90 90 90 90 90 90 90 90 90 90 90 66 0f 1f 00 0f 1f 44 "
+    "00 00 55 89 f5 53 48 89 fb 0f b6 57 12 66 <90> 40 88 6b 12 5b 5d c3 cc cc cc cc 65 8b 05 d4 82 0d 65 48 0f a3",
     "[  115.335298]  tcp_disconnect+0x48d/0x610",
     "[  115.336558] RIP: 0010:inet_sk_state_store+0x15/0x70",
     "[  115.336739] Kernel panic - not syncing: Fatal exception in interrupt",
@@ -71,7 +73,15 @@ def test_a_guest_kernel_crash_is_named_by_its_oops_where_and_panic():
         "RIP: 0010:inet_sk_state_store+0x15/0x70",
         "Kernel panic - not syncing: Fatal exception in interrupt",
     ]
-    assert run_vm.emulator_fault(CONSOLE) == "Oops: int3 RIP: 0010:inet_sk_state_store+0x15/0x70"
+    assert run_vm.emulator_fault(CONSOLE) == ("Oops: int3 RIP: 0010:inet_sk_state_store+0x15/0x70, "
+                                              "no int3 in memory there")
+
+
+def test_an_int3_still_in_memory_is_the_guests_own_and_not_an_emulator_fault():
+    in_memory = CONSOLE._replace(printed=[line.replace("12 66 <90>", "12 cc <90>") for line in CONSOLE.printed])
+    assert run_vm.emulator_fault(in_memory) is None
+    no_code = CONSOLE._replace(printed=[line for line in CONSOLE.printed if "Code:" not in line])
+    assert run_vm.emulator_fault(no_code) is None
 
 
 def test_a_guest_that_died_otherwise_is_not_taken_for_an_emulator_fault():
