@@ -119,6 +119,8 @@ class Clients:
         """No client connecting, and the backends' last packets handled, for the block."""
         self.pause.value = PAUSE
         while not all(p.value for p in self.paused):
+            if not all(p.is_alive() for p in self.procs):
+                raise RuntimeError("a client process died (its traceback is above)")
             time.sleep(0.001)
         time.sleep(0.02)
         try:
