@@ -179,10 +179,10 @@ def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) ->
         vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired as late:
-        printed_ = printed(late.stdout) + printed(late.stderr)
+        said = as_text(late.stdout) + as_text(late.stderr)
         with vng_log.open("a") as f:
-            f.write(f"--- timed out after {timeout:.0f} s\n{printed_}")
-        return VmEnd(f"timed out after {timeout:.0f} s", True, printed_.splitlines())
+            f.write(f"--- timed out after {timeout:.0f} s\n{said}")
+        return VmEnd(f"timed out after {timeout:.0f} s", True, said.splitlines())
     with vng_log.open("a") as f:
         f.write(f"--- vng exit code {vm.returncode}\n{vm.stdout}{vm.stderr}")
     return VmEnd(f"vng exit code {vm.returncode}", False, (vm.stdout + vm.stderr).splitlines())
@@ -190,6 +190,8 @@ def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) ->
 
 # The guest kernel's own account of its death, from its console.
 CRASH_LINE = re.compile(r"\] (Oops: .*|BUG: .*|RIP: 0010:.*|Kernel panic - .*)$")
+# The byte before the trapping address and the byte at it, in an oops's `Code:` line.
+CODE_AT = re.compile(r"Code: (?:[0-9a-f]{2} )*([0-9a-f]{2}) <([0-9a-f]{2})>")
 
 
 def guest_crash(vm_said: VmEnd) -> list[str]:
@@ -215,18 +217,14 @@ def emulator_fault(vm_said: VmEnd) -> str | None:
     crash = guest_crash(vm_said)[1:]
     if not any(line.startswith("Oops: int3") for line in crash):
         return None
-    code = next((CODE_AT.search(line) for line in vm_said.printed if CODE_AT.search(line)), None)
+    code = next(filter(None, map(CODE_AT.search, vm_said.printed)), None)
     if code is None or code.group(1) == "cc":
         return None
     where = next((line for line in crash if line.startswith("RIP:")), "")
     return " ".join(filter(None, ["Oops: int3", where])) + ", no int3 in memory there"
 
 
-# The byte before the trapping address and the byte at it, in an oops's `Code:` line.
-CODE_AT = re.compile(r"Code: (?:[0-9a-f]{2} )*([0-9a-f]{2}) <([0-9a-f]{2})>")
-
-
-def printed(output: bytes | str | None) -> str:
+def as_text(output: bytes | str | None) -> str:
     """What a timed-out process had printed (bytes, whatever `text` asked for)."""
     if isinstance(output, bytes):
         return output.decode(errors="replace")
