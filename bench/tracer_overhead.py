@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark (not a test): short TCP connects through a VIP with and without the tracer.
 
-Runs inside a VM (it needs IPVS and BPF):
+Runs inside a VM (it needs IPVS and BPF). `make bench-tracer` runs it on one vCPU whose clock
+counts instructions (QEMU `-icount`), so the figures do not move with the host's load:
+    testbed/run_vm.py --kernels 6.12 --qemu-opts "-icount shift=3,sleep=off -smp 1" \
+        --exec "python3 bench/tracer_overhead.py --cycles 10"
+In wall-clock time on 2 vCPUs instead (noisy here: slices swing by ±20 %):
     testbed/run_vm.py --kernels 6.12 --exec "python3 bench/tracer_overhead.py"
     testbed/run_vm.py --kernels 6.12 --exec "python3 bench/tracer_overhead.py --clients 2"
 
@@ -9,8 +13,8 @@ Client processes connect through a 3-backend VIP without pause for the whole run
 connect at a time (connect, then close with RST), and count their connects in shared memory.
 Meanwhile this process switches between the cells in short slices and reads the count at
 each slice's edges. The tracer is compiled once; switching a cell is attaching or detaching
-its hooks. This host is noisy (QEMU TCG on a shared machine: the rate drifts by ±10 % within
-seconds), so each cycle runs every cell once, in a slice of about a second, and a cell's
+its hooks. In wall-clock time this host is noisy (QEMU TCG on a shared machine: the rate drifts by
+±10 % within seconds), so each cycle runs every cell once, in a slice of about a second, and a cell's
 figure is the mean over cycles of its rate divided by the untraced rate of the same cycle.
 The order of the cells is reversed every other cycle so that drift favours none of them.
 
@@ -23,7 +27,12 @@ records per connect).
 With one client (the default) each connect waits for the previous one, so the ratio says
 how much longer a connect takes. With `--clients 2` two clients compete with the backends
 for the 2 vCPUs (the total rate is lower than with one), so the ratio says how much CPU the
-tracer takes from a saturated host.
+tracer takes from a saturated host. On one vCPU a connect's time is all the CPU work it
+takes, the backends' included.
+
+Each cell also reports context switches per connect (/proc/stat): the tracer's work lengthens
+the client's turns on the CPU, and the scheduler then switches more often between the client
+and the backends, a cost that shows in no BPF program's run time.
 """
 from __future__ import annotations
 
@@ -157,6 +166,7 @@ class Cell:
     rates: list[float] = field(default_factory=list)
     records: int = 0
     connects: int = 0
+    switches: int = 0
     consumer_cpu: float = 0.0
 
 
@@ -183,6 +193,14 @@ def wait_until(cell: Cell, deadline: float, counted: CountedSince) -> tuple[int,
     return 0, 0.0
 
 
+def context_switches() -> int:
+    """Context switches on all CPUs since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    raise RuntimeError("no ctxt line in /proc/stat")
+
+
 def run_slice(cell: Cell, clients: Clients, settle: float, seconds: float) -> float:
     """The clients' connect rate while the cell is in place, from `settle` after it was put
     in place (attaching patches kernel text and opens perf events) for `seconds`."""
@@ -193,15 +211,16 @@ def run_slice(cell: Cell, clients: Clients, settle: float, seconds: float) -> fl
     counted = CountedSince()
     try:
         wait_until(cell, time.monotonic() + settle, counted)
-        c0, t0 = clients.connects(), time.monotonic()
+        s0, c0, t0 = context_switches(), clients.connects(), time.monotonic()
         records, cpu = wait_until(cell, t0 + seconds, counted)
-        c1, t1 = clients.connects(), time.monotonic()
+        c1, t1, s1 = clients.connects(), time.monotonic(), context_switches()
     finally:
         if cell.hooks is not None:
             with clients.paused_while():
                 set_attached(cell.hooks, False)
     cell.records += records
     cell.connects += c1 - c0
+    cell.switches += s1 - s0
     cell.consumer_cpu += cpu
     return (c1 - c0) / (t1 - t0)
 
@@ -321,20 +340,21 @@ def main() -> None:
         topo.teardown()
 
     base = cells[0].rates
-    print(f"\nshort TCP connects through an IPVS VIP (3 backends), {args.clients} client(s), kernel "
+    print(f"\nshort TCP connects through an IPVS VIP (3 backends), {args.clients} client(s), {os.cpu_count()} vCPU(s), kernel "
           f"{os.uname().release}; {args.cycles} cycles of {len(cells)} cells, {args.slice:g} s measured per "
           f"cell and cycle ({args.settle:g} s settling); {time.monotonic() - started:.0f} s in all; wakeup "
           f"interval {defaults.wakeup_interval * 1000:g} ms, sample interval {defaults.sample_interval * 1000:g} ms")
     print("| cell | connects/s (mean) | of the untraced rate: mean ± 2 s.e. | median | middle half of cycles "
-          "| records per connect |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| records per connect | context switches per connect |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for cell in cells:
         ratios = [r / b for r, b in zip(cell.rates, base)]
         mean, margin = mean_and_margin(ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         records = f"{cell.records / cell.connects:.2f}" if cell.consumer else ""
         print(f"| {cell.name} | {statistics.fmean(cell.rates):.0f} | {mean:.1%} ± {margin:.1%} | "
-              f"{quartiles[1]:.1%} | {quartiles[0]:.0%}–{quartiles[2]:.0%} | {records} |")
+              f"{quartiles[1]:.1%} | {quartiles[0]:.1%}–{quartiles[2]:.1%} | {records} | "
+              f"{cell.switches / cell.connects:.2f} |")
     print("\nconnects/s per cycle (" + ", ".join(cell.name for cell in cells) + "):")
     for cycle in range(args.cycles):
         print(f"  {cycle + 1:3d}: " + " ".join(f"{cell.rates[cycle]:5.0f}" for cell in cells))

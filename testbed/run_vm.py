@@ -86,7 +86,7 @@ def vm_lock(shared: bool = False):
 
 
 def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool,
-               shared: bool = False) -> tuple[bool, str]:
+               shared: bool = False, qemu_opts: str = "") -> tuple[bool, str]:
     vmlinuz = kernels.fetch(name)
     release = kernels.release_of(name)
     # One directory per run, so that concurrent runs never share a guest log.
@@ -104,8 +104,8 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     if vng is None:
         raise SystemExit("run_vm: vng not found; run `make venv` first")
     # --verbose: the guest kernel's console goes to vng.log, so a guest that panics says why.
-    argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "--verbose", "-m", memory, "--rwdir", str(out), "--",
-            str(script)]
+    argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "--verbose", "-m", memory, "--rwdir", str(out),
+            *(["--qemu-opts", qemu_opts] if qemu_opts else []), "--", str(script)]
     env = dict(os.environ, PATH=f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     lock = vm_lock(shared)
     started = time.monotonic()
@@ -264,6 +264,9 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true", help="do not stream the guest's log")
     parser.add_argument("--shared", action="store_true",
                         help="do not wait for other VMs on this machine (timing tests may then fail)")
+    parser.add_argument("--qemu-opts", default=os.environ.get("QEMU_OPTS", ""),
+                        help="extra QEMU arguments, e.g. \"-icount shift=3,sleep=off\" for a guest clock that "
+                             "counts instructions instead of following the host (default: none)")
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
                         help="after --: extra pytest arguments (default: tests/kernel)")
     args = parser.parse_args()
@@ -273,7 +276,8 @@ def main() -> int:
     summaries = []
     all_ok = True
     for name in args.kernels.split():
-        ok, summary = run_kernel(name, command, args.timeout, args.memory, args.quiet, args.shared)
+        ok, summary = run_kernel(name, command, args.timeout, args.memory, args.quiet, args.shared,
+                                 args.qemu_opts)
         all_ok &= ok
         summaries.append(summary)
         print(summary, flush=True)
