@@ -95,16 +95,22 @@ def test_a_guest_that_died_otherwise_is_not_taken_for_an_emulator_fault():
     assert run_vm.guest_crash(silent) == ["vng exit code 255", "booting", "last words"]
 
 
-def fake_runs(monkeypatch, tmp_path, *guests):
+def fake_runs(monkeypatch, tmp_path, *guests, argvs=None, **options):
     """run_kernel with each boot replaced by the next of `guests`: a function that plays the
-    guest in the results directory and returns how the VM ended."""
+    guest in the results directory and returns how the VM ended. Each boot's vng command
+    line is appended to `argvs`."""
     monkeypatch.setattr(run_vm, "RESULTS", tmp_path)
     monkeypatch.setattr(run_vm.kernels, "fetch", lambda name: tmp_path / "vmlinuz")
     monkeypatch.setattr(run_vm.kernels, "release_of", lambda name: "6.12.0-test")
     monkeypatch.setattr(run_vm.shutil, "which", lambda *a, **k: "/usr/bin/vng")
     boots = iter(guests)
-    monkeypatch.setattr(run_vm, "attempt", lambda argv, env, timeout, out, name, quiet: next(boots)(out))
-    return lambda: run_vm.run_kernel("6.12", "true", 60, "2G", quiet=True)
+
+    def boot(argv, env, timeout, out, name, quiet):
+        if argvs is not None:
+            argvs.append(argv)
+        return next(boots)(out)
+    monkeypatch.setattr(run_vm, "attempt", boot)
+    return lambda: run_vm.run_kernel("6.12", "true", 60, "2G", quiet=True, **options)
 
 
 def crashed(out):
@@ -143,3 +149,13 @@ def test_a_guest_that_died_of_its_own_oops_is_not_rerun(monkeypatch, tmp_path):
     ok, summary = fake_runs(monkeypatch, tmp_path, own_bug, passed)()
     assert not ok
     assert "BUG: unable to handle page fault" in summary and "ran once more" not in summary
+
+
+def test_qemu_options_reach_vng_before_the_guest_command(monkeypatch, tmp_path):
+    argvs = []
+    fake_runs(monkeypatch, tmp_path, passed, argvs=argvs, qemu_opts="-icount shift=3,sleep=off -smp 1")()
+    fake_runs(monkeypatch, tmp_path, passed, argvs=argvs)()
+    with_opts, without = argvs
+    assert with_opts[with_opts.index("--qemu-opts") + 1] == "-icount shift=3,sleep=off -smp 1"
+    assert with_opts.index("--qemu-opts") < with_opts.index("--")
+    assert "--qemu-opts" not in without
