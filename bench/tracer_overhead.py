@@ -62,14 +62,12 @@ from tests.kernel import topology  # noqa: E402
 VIP, PORT = "10.90.0.1", 80
 # The floor: programs that return at once, on the tracer's hooks, attached the same way.
 EMPTY_HOOKS = b"""
-TRACEPOINT_PROBE(sock, inet_sock_set_state) { return 0; }
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) { return 0; }
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) { return 0; }
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) { return 0; }
+RAW_TRACEPOINT_PROBE(tcp_receive_reset) { return 0; }
 int trace_ip_vs_conn_new(struct pt_regs *ctx) { return 0; }
 """
-TRACEPOINTS = [(b"sock:inet_sock_set_state", b"tracepoint__sock__inet_sock_set_state"),
-               (b"tcp:tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_skb"),
-               (b"tcp:tcp_receive_reset", b"tracepoint__tcp__tcp_receive_reset")]
+TRACEPOINTS = [b"inet_sock_set_state", b"tcp_retransmit_skb", b"tcp_receive_reset"]  # attached raw
 
 
 def client_loop(count, pause, paused) -> None:
@@ -146,11 +144,11 @@ class Clients:
 def set_attached(tracer, attached: bool) -> None:
     """Attach or detach a Tracer's hooks, or those of a bare bcc BPF object (the floor)."""
     bpf = getattr(tracer, "bpf", tracer)
-    for tp, fn in TRACEPOINTS:
+    for tp in TRACEPOINTS:
         if attached:
-            bpf.attach_tracepoint(tp=tp, fn_name=fn)
+            bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
         else:
-            bpf.detach_tracepoint(tp)
+            bpf.detach_raw_tracepoint(tp=tp)
     if attached:
         bpf.attach_kprobe(event=KPROBE, fn_name=b"trace_ip_vs_conn_new")
     else:

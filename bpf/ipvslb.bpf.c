@@ -3,13 +3,19 @@
 //
 // Reports the fate of every TCP connect to a managed VIP:port and the real backend IPVS
 // chose for it. Only sockets whose destination is in `vips` are tracked: any other
-// connection costs an array read (or, if its remote port is a VIP's, one hash lookup) and
-// emits nothing. Kernel includes are kept to the minimum (bcc 0.26 cannot parse
-// <net/sock.h> of 6.12+), so the few kernel structs we read are declared here; their
-// layouts have been stable from 4.x to 7.x.
+// connection costs a read of its remote port and an array read (or, if its remote port is a
+// VIP's, one hash lookup) and emits nothing.
+//
+// The tracepoints are attached raw: the program gets the kernel's own arguments (a socket
+// pointer and states) instead of a perf record that a classic tracepoint fills, for every
+// TCP state change on the host, before any program runs. Kernel includes are kept to the
+// minimum (bcc 0.26 cannot parse <net/sock.h> of 6.12+), so where the fields of struct sock
+// are comes from the running kernel's BTF, through the loader.
 //
 // Build-time constants (passed by the loader as -D flags): CAPACITY (tracked connections),
-// RINGBUF_PAGES (power of two).
+// RINGBUF_PAGES (power of two), and the offsets in struct sock of the fields read:
+// SKC_DADDR, SKC_RCV_SADDR, SKC_DPORT, SKC_FAMILY, SKC_STATE, SKC_V6_DADDR,
+// SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT (see ipvslb/tracer.py).
 #include <uapi/linux/ptrace.h>
 
 #ifndef CAPACITY
@@ -17,6 +23,9 @@
 #endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 64
+#endif
+#ifndef SK_PROTOCOL
+#error "the loader passes the offsets of struct sock's fields (ipvslb/tracer.py)"
 #endif
 
 #define AF_INET 2
@@ -41,16 +50,6 @@ enum record_kind {
 };
 
 union nf_inet_addr { u32 all[4]; };
-
-// The head of struct sock_common, unchanged since 2.6: read only to learn the state of a
-// socket whose transition to ESTABLISHED this program may have missed.
-struct sock_common_head {
-    u64 addrpair;
-    u32 hash;
-    u32 portpair;
-    u16 family;
-    volatile u8 state;
-};
 
 struct ip_vs_conn_param {
     void *ipvs;
@@ -137,8 +136,8 @@ struct record {
 
 BPF_HASH(vips, struct vip_key, u8, 4096);
 // The ports of the TCP entries in `vips`, by port: every TCP state change on the host passes
-// the tracepoints, and a socket whose remote port is no VIP's costs one array read (which
-// the verifier inlines) instead of a hash lookup.
+// the tracepoints, and a socket whose remote port is no VIP's costs a read of that port and
+// one array read (which the verifier inlines) instead of a hash lookup.
 BPF_ARRAY(vip_ports, u8, 65536);
 BPF_TABLE("lru_hash", u64, struct conn, conns, CAPACITY);
 // The client port is not assigned yet when a socket enters SYN_SENT; the kprobe, which runs
@@ -291,9 +290,10 @@ static __always_inline int same_addr(const u8 *a, const u8 *b) {
     return ((a0 ^ b0) | (a1 ^ b1)) == 0;
 }
 
-// The kernel runs at most one tracing program per CPU at a time: a tracepoint that fires
-// while another one runs (a softirq delivering a SYN-ACK in the middle of a connect's kprobe,
-// say) is skipped and counted in the program's recursion_misses. A skipped ESTABLISHED
+// The kernel does not run a program inside itself: a raw tracepoint that fires while the same
+// program runs on that CPU (a softirq interrupting it, say) skips it and counts the skip in
+// its recursion_misses. (A classic tracepoint was skipped while *any* kprobe or tracepoint
+// program ran on the CPU, ours or another tool's.) A skipped ESTABLISHED
 // leaves its connection looking unanswered. It shows as soon as the connection is seen in
 // a state other than SYN_SENT: that connect succeeded. Counted connects are counted, timed
 // ones get ESTABLISHED_UNTIMED, so the daemon does not take them for failures.
@@ -312,10 +312,27 @@ static __always_inline void missed_established_forget(u64 sock, struct conn *c) 
         conns.delete(&sock);
 }
 
+// A field of a struct sock, by its offset (from the kernel's BTF).
+static __always_inline u16 sk_u16(u64 sock, int offset) {
+    u16 value = 0;
+    bpf_probe_read_kernel(&value, sizeof(value), (void *)(sock + offset));
+    return value;
+}
+
 static __always_inline u8 sock_state(u64 sock) {
-    struct sock_common_head head = {};
-    bpf_probe_read_kernel(&head, sizeof(head), (void *)sock);
-    return head.state;
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (void *)(sock + SKC_STATE));
+    return state;
+}
+
+// The remote port in host order.
+static __always_inline u16 sock_dport(u64 sock) {
+    return bpf_ntohs(sk_u16(sock, SKC_DPORT));
+}
+
+// The local port in host order (0 until the connect has chosen one).
+static __always_inline u16 sock_sport(u64 sock) {
+    return bpf_ntohs(sk_u16(sock, INET_SPORT));
 }
 
 // IPVS's choice for a connection the kprobe could not match with its socket: a SYN
@@ -337,23 +354,28 @@ static __always_inline int claim_backend(u64 sock, struct conn *c) {
     return 1;
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != PROTO_TCP || !to_vip_port(args->dport))
+// TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
+    u64 sock = ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    u16 dport = sock_dport(sock);
+    // Not only TCP changes state through here (MPTCP, SCTP, DCCP do too).
+    if (!to_vip_port(dport) || sk_u16(sock, SK_PROTOCOL) != PROTO_TCP)
         return 0;
-    u64 sock = (u64)args->skaddr;
-    if (args->newstate == TCP_SYN_SENT) {
-        // bcc defines the args struct only inside the probe, so the connect start is here.
+    if (newstate == TCP_SYN_SENT) {
         struct vip_key key = {};
         struct conn c = {};
-        key.port = args->dport;
+        u16 family = sk_u16(sock, SKC_FAMILY);
+        key.port = dport;
         key.protocol = PROTO_TCP;
-        key.family = args->family;
-        if (args->family == AF_INET) {
-            __builtin_memcpy(key.addr, args->daddr, 4);
-            __builtin_memcpy(c.tuple.caddr, args->saddr, 4);
+        key.family = family;
+        if (family == AF_INET) {
+            bpf_probe_read_kernel(key.addr, 4, (void *)(sock + SKC_DADDR));
+            bpf_probe_read_kernel(c.tuple.caddr, 4, (void *)(sock + SKC_RCV_SADDR));
         } else {
-            __builtin_memcpy(key.addr, args->daddr_v6, 16);
-            __builtin_memcpy(c.tuple.caddr, args->saddr_v6, 16);
+            bpf_probe_read_kernel(key.addr, 16, (void *)(sock + SKC_V6_DADDR));
+            bpf_probe_read_kernel(c.tuple.caddr, 16, (void *)(sock + SKC_V6_RCV_SADDR));
         }
         if (!vips.lookup(&key)) {
             // A connect starts here, so an entry under this socket is left from an earlier
@@ -366,10 +388,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         c.start_ns = bpf_ktime_get_ns();
         c.tid = (u32)tid;
         __builtin_memcpy(c.tuple.vaddr, key.addr, 16);
-        c.tuple.cport = args->sport;
-        c.tuple.vport = args->dport;
+        c.tuple.cport = sock_sport(sock);
+        c.tuple.vport = dport;
         c.tuple.protocol = PROTO_TCP;
-        c.tuple.family = args->family;
+        c.tuple.family = family;
         conns.update(&sock, &c);
         u32 slot = (u32)tid % CONNECTING_SLOTS;
         connecting.update(&slot, &sock);
@@ -378,15 +400,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     // Only ESTABLISHED and CLOSE end a connect: other states cost no lookup. A CLOSE is
     // looked at whatever state it leaves: when the kernel skipped this program at the
     // transition to ESTABLISHED (see missed_established), the close is where that shows.
-    if (args->newstate != TCP_ESTABLISHED && args->newstate != TCP_CLOSE)
+    if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
         return 0;
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;
-    c->tuple.cport = args->sport;
+    c->tuple.cport = sock_sport(sock);
     if (!c->established)
         claim_backend(sock, c);
-    if (args->newstate == TCP_ESTABLISHED && !c->established) {
+    if (newstate == TCP_ESTABLISHED && !c->established) {
         c->established = 1;
         if (c->counted)
             count_success(c, bpf_ktime_get_ns());
@@ -394,8 +416,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             report(ESTABLISHED, sock, c, 0);
         if (!option(OPT_REPORT_CLOSED))
             conns.delete(&sock);
-    } else if (args->newstate == TCP_CLOSE) {
-        if (!c->established && !c->reset && args->oldstate != TCP_SYN_SENT)
+    } else if (newstate == TCP_CLOSE) {
+        if (!c->established && !c->reset && oldstate != TCP_SYN_SENT)
             missed_established(sock, c);
         // After a RST the RESET record already ended this connect attempt.
         if (!c->established && !c->reset)
@@ -407,15 +429,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
-    if (!to_vip_port(args->dport))
+// TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...): TCP sockets only.
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
+    u64 sock = ctx->args[0];
+    if (!to_vip_port(sock_dport(sock)))
         return 0;
-    u64 sock = (u64)args->skaddr;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
-    c->tuple.cport = args->sport;
-    if (args->state != TCP_SYN_SENT) {
+    c->tuple.cport = sock_sport(sock);
+    if (sock_state(sock) != TCP_SYN_SENT) {
         missed_established_forget(sock, c);  // a data retransmit: it was established
         return 0;
     }
@@ -426,14 +449,15 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
-    if (!to_vip_port(args->dport))
+// TP_PROTO(struct sock *sk): TCP sockets only.
+RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
+    u64 sock = ctx->args[0];
+    if (!to_vip_port(sock_dport(sock)))
         return 0;
-    u64 sock = (u64)args->skaddr;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
-    c->tuple.cport = args->sport;
+    c->tuple.cport = sock_sport(sock);
     if (sock_state(sock) != TCP_SYN_SENT) {
         missed_established_forget(sock, c);  // reset after establishing: not a refusal
         return 0;

@@ -5,7 +5,7 @@ before anything is opened, so that a host without kernel headers, ip_vs or BPF g
 sentence (and a non-zero exit) instead of a bcc compile error or a netlink traceback.
 
 Reads files and makes one bpf() call; runs no programs. Everything the checks look at is a
-parameter, so the unit tests give them a fake /proc, /lib/modules and bpf().
+parameter, so the unit tests give them a fake /proc, /sys, /lib/modules and bpf().
 """
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ BPF_MAP_TYPE_ARRAY = 2
 
 # (errno or None) from one bpf() call; None when the call succeeded.
 BpfProbe = Callable[[], "int | None"]
+
+
+def btf(sysfs: Path = Path("/sys")) -> str | None:
+    vmlinux = sysfs / "kernel" / "btf" / "vmlinux"
+    if vmlinux.exists():
+        return None
+    return (f"the kernel has no BTF ({vmlinux}): the tracer finds struct sock's fields there; "
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, Fedora and RHEL kernels are)")
 
 
 def headers(release: str, modules: Path = Path("/lib/modules")) -> str | None:
@@ -94,8 +102,10 @@ def _bpf_map_create() -> int | None:
 
 
 def problems(release: str | None = None, proc: Path = Path("/proc"), modules: Path = Path("/lib/modules"),
-             bpf_probe: BpfProbe | None = None, find_spec: Callable = importlib.util.find_spec) -> list[str]:
+             bpf_probe: BpfProbe | None = None, find_spec: Callable = importlib.util.find_spec,
+             sysfs: Path = Path("/sys")) -> list[str]:
     """Every missing precondition, the most basic first."""
     release = release or os.uname().release
-    found = [ip_vs(release, proc, modules), bpf(bpf_probe), bcc_module(find_spec), headers(release, modules)]
+    found = [ip_vs(release, proc, modules), bpf(bpf_probe), btf(sysfs), bcc_module(find_spec),
+             headers(release, modules)]
     return [p for p in found if p is not None]

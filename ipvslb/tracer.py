@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb import conntable, events, ringbuf
+from ipvslb import btf, conntable, events, ringbuf
 from ipvslb.events import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
@@ -36,6 +36,54 @@ def source_path() -> Path:
         if directory and (Path(directory) / "ipvslb.bpf.c").exists():
             return Path(directory) / "ipvslb.bpf.c"
     raise TracerUnavailable("ipvslb.bpf.c not found (set IPVSLB_BPF_DIR or reinstall the package)")
+
+
+# The fields of struct sock the BPF program reads, by the macro it knows them as: (struct,
+# field, size it reads). Their offsets depend on the kernel's version and configuration.
+SOCK_FIELDS = {
+    "SKC_DADDR": ("sock_common", "skc_daddr", 4),
+    "SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr", 4),
+    "SKC_DPORT": ("sock_common", "skc_dport", 2),
+    "SKC_FAMILY": ("sock_common", "skc_family", 2),
+    "SKC_STATE": ("sock_common", "skc_state", 1),
+    "SKC_V6_DADDR": ("sock_common", "skc_v6_daddr", 16),
+    "SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr", 16),
+    "SK_PROTOCOL": ("sock", "sk_protocol", 2),
+    # The local port, kept after close (sock_common's skc_num is zeroed when the port is
+    # released, before the socket enters CLOSE). struct inet_sock begins with its struct sock.
+    "INET_SPORT": ("inet_sock", "inet_sport", 2),
+}
+
+
+def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
+    """-D flags with the offsets in struct sock of SOCK_FIELDS, from the kernel's fields of
+    struct sock, sock_common and inet_sock (btf.KernelTypes.fields)."""
+    common = structs["sock"].get("__sk_common")
+    if common is None:
+        raise TracerUnavailable("struct sock has no __sk_common in this kernel's BTF")
+    if getattr(structs["inet_sock"].get("sk"), "offset", None) != 0:
+        raise TracerUnavailable("struct inet_sock does not begin with its struct sock in this kernel's BTF")
+    flags = []
+    for macro, (struct, name, size) in SOCK_FIELDS.items():
+        field = structs[struct].get(name)
+        if field is None:
+            raise TracerUnavailable(f"struct {struct} has no field {name} in this kernel's BTF")
+        if field.size != size or field.bitfield:
+            shape = "a bitfield" if field.bitfield else f"{field.size} bytes"
+            raise TracerUnavailable(f"struct {struct}.{name} is {shape} in this kernel; the tracer reads "
+                                    f"{size} bytes (kernels before 5.6 are not supported)")
+        offset = field.offset + (common.offset if struct == "sock_common" else 0)
+        flags.append(f"-D{macro}={offset}")
+    return flags
+
+
+def sock_layout() -> list[str]:
+    """layout_flags() for the running kernel."""
+    try:
+        with btf.KernelTypes() as types:
+            return layout_flags({struct: types.fields(struct) for struct in ("sock", "sock_common", "inet_sock")})
+    except btf.BtfUnavailable as err:
+        raise TracerUnavailable(str(err)) from err
 
 
 def _recursion_misses(fd: int) -> int:
@@ -64,7 +112,8 @@ class Tracer:
                 f"kernel headers for {release} are missing: install linux-headers-{release}")
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
         # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
-        cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}"]
+        cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}",
+                  *sock_layout()]
         started = time.monotonic()
         try:
             self.bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags)
@@ -168,9 +217,9 @@ class Tracer:
         return int(self.bpf[b"lost"].sum(0).value)
 
     def missed_runs(self) -> int:
-        """Times the kernel skipped one of the tracer's programs because a tracing program was
-        already running on that CPU (fdinfo recursion_misses: kernels before 6.7 do not count
-        these skips for kprobes and tracepoints, and report 0).
+        """Times the kernel skipped one of the tracer's programs because it was already running
+        on that CPU (the raw tracepoints) or any kprobe or tracepoint program was (the kprobe)
+        (fdinfo recursion_misses: kernels before 6.7 do not count a kprobe's skips).
         A skipped transition to ESTABLISHED is caught later (ESTABLISHED_UNTIMED); a skipped
         reset or close loses that one piece of evidence."""
         return sum(_recursion_misses(function.fd) for function in self.bpf.funcs.values())

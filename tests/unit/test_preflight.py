@@ -1,4 +1,4 @@
-"""The start-up refusals of `ipvslb run`, on a fake /proc, /lib/modules and bpf()."""
+"""The start-up refusals of `ipvslb run`, on a fake /proc, /sys, /lib/modules and bpf()."""
 from __future__ import annotations
 
 import errno
@@ -23,8 +23,11 @@ def host(tmp_path):
     (modules / RELEASE / "modules.dep").write_text(
         "kernel/net/netfilter/ipvs/ip_vs.ko: kernel/net/netfilter/nf_conntrack.ko\n"
         "kernel/net/netfilter/ipvs/ip_vs_rr.ko: kernel/net/netfilter/ipvs/ip_vs.ko\n")
+    sysfs = tmp_path / "sys"
+    (sysfs / "kernel" / "btf").mkdir(parents=True)
+    (sysfs / "kernel" / "btf" / "vmlinux").write_bytes(b"\x9f\xeb")
     kw = dict(release=RELEASE, proc=proc, modules=modules, bpf_probe=lambda: None,
-              find_spec=lambda name: object())
+              find_spec=lambda name: object(), sysfs=sysfs)
     return tmp_path, kw
 
 
@@ -98,6 +101,14 @@ def test_missing_bcc_names_both_distributions_packages(host):
     kw["find_spec"] = lambda name: None
     [problem] = preflight.problems(**kw)
     assert "python3-bpfcc" in problem and "python3-bcc" in problem
+
+
+def test_a_kernel_without_btf_is_named_with_the_option_it_needs(host):
+    root, kw = host
+    (root / "sys/kernel/btf/vmlinux").unlink()
+    [problem] = preflight.problems(**kw)
+    assert problem.startswith(f"the kernel has no BTF ({root}/sys/kernel/btf/vmlinux)")
+    assert "CONFIG_DEBUG_INFO_BTF=y" in problem
 
 
 def test_problems_come_most_basic_first(host):
