@@ -15,7 +15,8 @@
 // Build-time constants (passed by the loader as -D flags): CAPACITY (tracked connections),
 // RINGBUF_PAGES (power of two), and the offsets in struct sock of the fields read:
 // SKC_DADDR, SKC_RCV_SADDR, SKC_DPORT, SKC_FAMILY, SKC_STATE, SKC_V6_DADDR,
-// SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT (see ipvslb/tracer.py).
+// SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT, and SK_HEAD_LEN, the length of the struct's
+// head that holds the first five (see ipvslb/tracer.py).
 #include <uapi/linux/ptrace.h>
 
 #ifndef CAPACITY
@@ -312,27 +313,34 @@ static __always_inline void missed_established_forget(u64 sock, struct conn *c) 
         conns.delete(&sock);
 }
 
-// A field of a struct sock, by its offset (from the kernel's BTF).
+// The first SK_HEAD_LEN bytes of a struct sock: they hold the IPv4 addresses, the remote
+// port, the family and the state, so one read per event gets what the common path needs.
+struct sk_head {
+    u8 bytes[SK_HEAD_LEN];
+};
+
+static __always_inline void read_head(u64 sock, struct sk_head *head) {
+    bpf_probe_read_kernel(head, sizeof(*head), (void *)sock);
+}
+
+static __always_inline u16 head_u16(const struct sk_head *head, int offset) {
+    u16 value;
+    __builtin_memcpy(&value, head->bytes + offset, sizeof(value));
+    return value;
+}
+
+// A field beyond the head, by its offset (from the kernel's BTF).
 static __always_inline u16 sk_u16(u64 sock, int offset) {
     u16 value = 0;
     bpf_probe_read_kernel(&value, sizeof(value), (void *)(sock + offset));
     return value;
 }
 
-static __always_inline u8 sock_state(u64 sock) {
-    u8 state = 0;
-    bpf_probe_read_kernel(&state, sizeof(state), (void *)(sock + SKC_STATE));
-    return state;
-}
-
-// The remote port in host order.
-static __always_inline u16 sock_dport(u64 sock) {
-    return bpf_ntohs(sk_u16(sock, SKC_DPORT));
-}
-
-// The local port in host order (0 until the connect has chosen one).
-static __always_inline u16 sock_sport(u64 sock) {
-    return bpf_ntohs(sk_u16(sock, INET_SPORT));
+// The local port, in host order, of a tracked connection that does not know it yet (0 until
+// the connect has chosen one; the kprobe usually sets it first).
+static __always_inline void learn_client_port(u64 sock, struct conn *c) {
+    if (!c->tuple.cport)
+        c->tuple.cport = bpf_ntohs(sk_u16(sock, INET_SPORT));
 }
 
 // IPVS's choice for a connection the kprobe could not match with its socket: a SYN
@@ -359,20 +367,25 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     u64 sock = ctx->args[0];
     int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
-    u16 dport = sock_dport(sock);
-    // Not only TCP changes state through here (MPTCP, SCTP, DCCP do too).
-    if (!to_vip_port(dport) || sk_u16(sock, SK_PROTOCOL) != PROTO_TCP)
+    struct sk_head head;
+    read_head(sock, &head);
+    u16 dport = bpf_ntohs(head_u16(&head, SKC_DPORT));
+    if (!to_vip_port(dport))
         return 0;
     if (newstate == TCP_SYN_SENT) {
+        // Not only TCP changes state through here (MPTCP, SCTP, DCCP do too). Only TCP
+        // sockets are tracked, so the later states of a tracked one need not ask again.
+        if (sk_u16(sock, SK_PROTOCOL) != PROTO_TCP)
+            return 0;
         struct vip_key key = {};
         struct conn c = {};
-        u16 family = sk_u16(sock, SKC_FAMILY);
+        u16 family = head_u16(&head, SKC_FAMILY);
         key.port = dport;
         key.protocol = PROTO_TCP;
         key.family = family;
         if (family == AF_INET) {
-            bpf_probe_read_kernel(key.addr, 4, (void *)(sock + SKC_DADDR));
-            bpf_probe_read_kernel(c.tuple.caddr, 4, (void *)(sock + SKC_RCV_SADDR));
+            __builtin_memcpy(key.addr, head.bytes + SKC_DADDR, 4);
+            __builtin_memcpy(c.tuple.caddr, head.bytes + SKC_RCV_SADDR, 4);
         } else {
             bpf_probe_read_kernel(key.addr, 16, (void *)(sock + SKC_V6_DADDR));
             bpf_probe_read_kernel(c.tuple.caddr, 16, (void *)(sock + SKC_V6_RCV_SADDR));
@@ -388,8 +401,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
         c.start_ns = bpf_ktime_get_ns();
         c.tid = (u32)tid;
         __builtin_memcpy(c.tuple.vaddr, key.addr, 16);
-        c.tuple.cport = sock_sport(sock);
-        c.tuple.vport = dport;
+        c.tuple.vport = dport;  // the client port is learnt later: not chosen yet
         c.tuple.protocol = PROTO_TCP;
         c.tuple.family = family;
         conns.update(&sock, &c);
@@ -405,7 +417,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     struct conn *c = conns.lookup(&sock);
     if (!c)
         return 0;
-    c->tuple.cport = sock_sport(sock);
+    learn_client_port(sock, c);
     if (!c->established)
         claim_backend(sock, c);
     if (newstate == TCP_ESTABLISHED && !c->established) {
@@ -432,13 +444,15 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
 // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...): TCP sockets only.
 RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
     u64 sock = ctx->args[0];
-    if (!to_vip_port(sock_dport(sock)))
+    struct sk_head head;
+    read_head(sock, &head);
+    if (!to_vip_port(bpf_ntohs(head_u16(&head, SKC_DPORT))))
         return 0;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
-    c->tuple.cport = sock_sport(sock);
-    if (sock_state(sock) != TCP_SYN_SENT) {
+    learn_client_port(sock, c);
+    if (head.bytes[SKC_STATE] != TCP_SYN_SENT) {
         missed_established_forget(sock, c);  // a data retransmit: it was established
         return 0;
     }
@@ -452,13 +466,15 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
 // TP_PROTO(struct sock *sk): TCP sockets only.
 RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
     u64 sock = ctx->args[0];
-    if (!to_vip_port(sock_dport(sock)))
+    struct sk_head head;
+    read_head(sock, &head);
+    if (!to_vip_port(bpf_ntohs(head_u16(&head, SKC_DPORT))))
         return 0;
     struct conn *c = conns.lookup(&sock);
     if (!c || c->established)
         return 0;
-    c->tuple.cport = sock_sport(sock);
-    if (sock_state(sock) != TCP_SYN_SENT) {
+    learn_client_port(sock, c);
+    if (head.bytes[SKC_STATE] != TCP_SYN_SENT) {
         missed_established_forget(sock, c);  // reset after establishing: not a refusal
         return 0;
     }

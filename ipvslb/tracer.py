@@ -54,6 +54,9 @@ SOCK_FIELDS = {
     "INET_SPORT": ("inet_sock", "inet_sport", 2),
 }
 
+HEAD_FIELDS = ("SKC_DADDR", "SKC_RCV_SADDR", "SKC_DPORT", "SKC_FAMILY", "SKC_STATE")
+MAX_HEAD_LEN = 64
+
 
 def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
     """-D flags with the offsets in struct sock of SOCK_FIELDS, from the kernel's fields of
@@ -63,7 +66,7 @@ def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
         raise TracerUnavailable("struct sock has no __sk_common in this kernel's BTF")
     if getattr(structs["inet_sock"].get("sk"), "offset", None) != 0:
         raise TracerUnavailable("struct inet_sock does not begin with its struct sock in this kernel's BTF")
-    flags = []
+    flags, ends = [], {}
     for macro, (struct, name, size) in SOCK_FIELDS.items():
         field = structs[struct].get(name)
         if field is None:
@@ -74,6 +77,13 @@ def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
                                     f"{size} bytes (kernels before 5.6 are not supported)")
         offset = field.offset + (common.offset if struct == "sock_common" else 0)
         flags.append(f"-D{macro}={offset}")
+        ends[macro] = offset + size
+    # The program reads these at every event, as one block from the start of the socket.
+    head = max(ends[macro] for macro in HEAD_FIELDS)
+    if head > MAX_HEAD_LEN:
+        raise TracerUnavailable(f"struct sock's addresses, ports, family and state end at byte {head} in this "
+                                f"kernel; the tracer reads at most {MAX_HEAD_LEN} bytes at once")
+    flags.append(f"-DSK_HEAD_LEN={(head + 7) // 8 * 8}")
     return flags
 
 

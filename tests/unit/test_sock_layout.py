@@ -22,7 +22,8 @@ def structs(**changed):
 def test_every_field_the_program_reads_gets_its_offset():
     flags = layout_flags(structs())
     assert flags == ["-DSKC_DADDR=0", "-DSKC_RCV_SADDR=4", "-DSKC_DPORT=12", "-DSKC_FAMILY=16", "-DSKC_STATE=18",
-                     "-DSKC_V6_DADDR=56", "-DSKC_V6_RCV_SADDR=72", "-DSK_PROTOCOL=532", "-DINET_SPORT=782"]
+                     "-DSKC_V6_DADDR=56", "-DSKC_V6_RCV_SADDR=72", "-DSK_PROTOCOL=532", "-DINET_SPORT=782",
+                     "-DSK_HEAD_LEN=24"]
 
 
 def test_sock_common_fields_are_placed_where_sock_holds_its_common_part():
@@ -34,6 +35,12 @@ def test_sock_common_fields_are_placed_where_sock_holds_its_common_part():
 def test_an_inet_sock_that_does_not_begin_with_its_sock_is_refused():
     with pytest.raises(TracerUnavailable, match="struct inet_sock does not begin with its struct sock"):
         layout_flags(structs(inet_sock=dict(INET, sk=Field(8, 760, False))))
+
+
+def test_a_head_beyond_what_is_read_at_once_is_refused():
+    far = dict(COMMON, skc_state=Field(90, 1, False))
+    with pytest.raises(TracerUnavailable, match="end at byte 91 in this kernel; the tracer reads at most 64"):
+        layout_flags(structs(sock_common=far))
 
 
 def test_a_missing_field_is_named():
@@ -66,7 +73,8 @@ def test_this_machines_kernel_describes_every_field_through_libbpf():
     assert common["skc_dport"] == Field(12, 2, False) and common["skc_num"] == Field(14, 2, False)
     assert common["skc_daddr"] == Field(0, 4, False) and common["skc_family"] == Field(16, 2, False)
     assert sock["__sk_common"].offset == 0 and inet["sk"].offset == 0
-    assert len(layout_flags({"sock": sock, "sock_common": common, "inet_sock": inet})) == len(SOCK_FIELDS)
+    flags = layout_flags({"sock": sock, "sock_common": common, "inet_sock": inet})
+    assert len(flags) == len(SOCK_FIELDS) + 1 and flags[-1] == "-DSK_HEAD_LEN=24"
 
 
 def test_a_struct_the_kernel_lacks_is_named():
