@@ -60,11 +60,15 @@ class ConnectFailed(Exception):
         self.elapsed = elapsed
 
 
-def connect(host: str, port: int, timeout: float = 3.0) -> tuple[str, socket.socket, float]:
-    """Connect to host:port; return (backend name it greets with, socket, connect time)."""
+def connect(host: str, port: int, timeout: float = 3.0,
+            client_port: int = 0) -> tuple[str, socket.socket, float]:
+    """Connect to host:port (from client_port if given); return (backend name it greets with,
+    socket, connect time)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    if client_port:
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", client_port))
     started = time.monotonic()
     err = s.connect_ex((host, port))
     elapsed = time.monotonic() - started
