@@ -73,8 +73,9 @@ def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
             raise TracerUnavailable(f"struct {struct} has no field {name} in this kernel's BTF")
         if field.size != size or field.bitfield:
             shape = "a bitfield" if field.bitfield else f"{field.size} bytes"
+            why = " (a bitfield before Linux 5.6: older kernels are not supported)" if field.bitfield else ""
             raise TracerUnavailable(f"struct {struct}.{name} is {shape} in this kernel; the tracer reads "
-                                    f"{size} bytes (kernels before 5.6 are not supported)")
+                                    f"{size} bytes{why}")
         offset = field.offset + (common.offset if struct == "sock_common" else 0)
         flags.append(f"-D{macro}={offset}")
         ends[macro] = offset + size

@@ -51,7 +51,7 @@ def test_a_missing_field_is_named():
 
 def test_a_bitfield_protocol_of_old_kernels_is_refused_by_name():
     old = dict(SOCK, sk_protocol=Field(528, 1, True))
-    with pytest.raises(TracerUnavailable, match=r"struct sock\.sk_protocol is a bitfield .* before 5\.6"):
+    with pytest.raises(TracerUnavailable, match=r"struct sock\.sk_protocol is a bitfield .* before Linux 5\.6"):
         layout_flags(structs(sock=old))
 
 
