@@ -2,8 +2,9 @@
 """Benchmark (not a test): short TCP connects through a VIP with and without the tracer.
 
 Runs inside a VM (it needs IPVS and BPF). `make bench-tracer` runs it on one vCPU whose clock
-counts instructions (QEMU `-icount`), so the figures do not move with the host's load:
-    testbed/run_vm.py --kernels 6.12 --qemu-opts "-icount shift=3,sleep=off -smp 1" \
+counts instructions (QEMU `-icount`, 1 ns each), so the figures do not move with the host's
+load (README, "Which clock", for shift=3, 8 ns each):
+    testbed/run_vm.py --kernels 6.12 --qemu-opts "-icount shift=0,sleep=off -smp 1" \
         --exec "python3 bench/tracer_overhead.py --cycles 10"
 In wall-clock time on 2 vCPUs instead (noisy here: slices swing by ±20 %):
     testbed/run_vm.py --kernels 6.12 --exec "python3 bench/tracer_overhead.py"
