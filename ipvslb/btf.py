@@ -99,8 +99,8 @@ class KernelTypes:
             if name:
                 size = self._lib.btf__resolve_size(self._btf, m.type)
                 found[name] = Field(base + bits // 8, size, bool(width) or bits % 8 != 0)
-            elif self._kind(self._skip_modifiers(m.type)) in (KIND_STRUCT, KIND_UNION):
-                found.update(self._fields_of(self._skip_modifiers(m.type), base + bits // 8))
+            elif self._kind(inner := self._skip_modifiers(m.type)) in (KIND_STRUCT, KIND_UNION):
+                found.update(self._fields_of(inner, base + bits // 8))
         return found
 
     def _kind(self, type_id: int) -> int:
