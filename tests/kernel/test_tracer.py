@@ -370,7 +370,10 @@ def test_a_tracing_program_busy_on_every_cpu_hides_no_connect_from_the_tracer(tr
     classic tracepoints were skipped: netem sends every SYN from a timer interrupt, and a
     kprobe program keeps every CPU busy, so SYN-ACKs arrive while it runs. A classic
     tracepoint program beside the tracer witnesses that skips happen; the tracer still
-    reports every connect established, timed."""
+    reports every connect established. Timed, except where the kernel skipped the tracer's
+    own program nested in itself (a softirq interrupting it on that CPU): that is counted
+    among its skipped runs, and the close that follows reports the connect established,
+    untimed."""
     from bcc import BPF
 
     add_service(topo, VIP4, topo.backends)
@@ -407,10 +410,17 @@ def test_a_tracing_program_busy_on_every_cpu_hides_no_connect_from_the_tracer(tr
             b.set_delay(0)
     ours = [e for e in recs if e.client[1] in succeeded]
     kinds = {kind: sum(e.kind == kind for e in ours) for kind in Kind}
-    print(f"{connects} connects succeeded; the classic witness missed {witness_skipped}; the tracer's skipped "
-          f"runs: {traced.missed_runs() - missed_before}; records: "
-          + ", ".join(f"{k.label} {n}" for k, n in kinds.items() if n))
+    skipped = traced.missed_runs() - missed_before
+    summary = (f"{connects} connects succeeded; the classic witness missed {witness_skipped}; the "
+               f"tracer's skipped runs: {skipped}; records: "
+               + ", ".join(f"{k.label} {n}" for k, n in kinds.items() if n))
+    print(summary)
+    timed = {e.client[1] for e in ours if e.kind == Kind.ESTABLISHED}
+    untimed = {e.client[1] for e in ours if e.kind == Kind.ESTABLISHED_UNTIMED}
+    unreported = succeeded - timed - untimed
+    detail = f"{summary}; not reported established: {sorted(unreported)}; records of the " \
+             f"untimed and unreported: {[e for e in recs if e.client[1] in unreported | untimed]}"
     assert witness_skipped >= 1  # the provocation works: a classic tracepoint was skipped
-    assert {e.client[1] for e in ours if e.kind == Kind.ESTABLISHED} == succeeded
-    assert kinds[Kind.ESTABLISHED_UNTIMED] == 0
-    assert kinds[Kind.CLOSED_SYN_SENT] == kinds[Kind.RESET] == kinds[Kind.SYN_RETRANSMIT] == 0
+    assert not unreported, detail
+    assert len(untimed) <= skipped, detail
+    assert kinds[Kind.CLOSED_SYN_SENT] == kinds[Kind.RESET] == kinds[Kind.SYN_RETRANSMIT] == 0, detail
