@@ -441,9 +441,11 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     return 0;
 }
 
-// TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...): TCP sockets only.
-RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
-    u64 sock = ctx->args[0];
+// The tracked connection of a socket that is still connecting to a VIP, for the hooks that
+// only matter in SYN_SENT, or 0. A tracked socket already past SYN_SENT was established
+// while the kernel skipped this program (a data retransmit, a reset after establishing:
+// not a refusal); that is reported here.
+static __always_inline struct conn *still_connecting(u64 sock) {
     struct sk_head head;
     read_head(sock, &head);
     if (!to_vip_port(bpf_ntohs(head_u16(&head, SKC_DPORT))))
@@ -453,9 +455,18 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
         return 0;
     learn_client_port(sock, c);
     if (head.bytes[SKC_STATE] != TCP_SYN_SENT) {
-        missed_established_forget(sock, c);  // a data retransmit: it was established
+        missed_established_forget(sock, c);
         return 0;
     }
+    return c;
+}
+
+// TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...): TCP sockets only.
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
+    u64 sock = ctx->args[0];
+    struct conn *c = still_connecting(sock);
+    if (!c)
+        return 0;
     if (claim_backend(sock, c))
         return 0;  // this resend is the new backend's first SYN, not a retransmit against it
     c->retransmits++;
@@ -466,18 +477,9 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
 // TP_PROTO(struct sock *sk): TCP sockets only.
 RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
     u64 sock = ctx->args[0];
-    struct sk_head head;
-    read_head(sock, &head);
-    if (!to_vip_port(bpf_ntohs(head_u16(&head, SKC_DPORT))))
+    struct conn *c = still_connecting(sock);
+    if (!c)
         return 0;
-    struct conn *c = conns.lookup(&sock);
-    if (!c || c->established)
-        return 0;
-    learn_client_port(sock, c);
-    if (head.bytes[SKC_STATE] != TCP_SYN_SENT) {
-        missed_established_forget(sock, c);  // reset after establishing: not a refusal
-        return 0;
-    }
     claim_backend(sock, c);
     c->reset = 1;
     report(RESET, sock, c, 1);

@@ -158,7 +158,8 @@ def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ram
         row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 10, "weight 0")
     assert kernel_weights()[endpoint(b)] == 0
     first_reset = resets.first_after(fault)
-    assert first_reset is not None, f"no RST from {endpoint(b)} seen on {b.host_link}"
+    assert first_reset is not None, (f"no RST from {endpoint(b)} seen on {b.host_link} after the fault "
+                                     f"({len(resets.arrivals)} before it)")
     out_at = first_weight(row, lambda w: w == 0, fault)
     # One RTT as a client sees it on this machine (under emulation a Python connect to a
     # refusing backend takes milliseconds, not the wire's microseconds): the median of five.

@@ -13,6 +13,7 @@ import time
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35  # not in Python's socket module; asm-generic/socket.h, x86 included
+SO_RCVBUFFORCE = 33  # likewise
 TCP_RST = 0x04
 
 
@@ -34,6 +35,11 @@ class ResetWatch:
         self._offset = _realtime_to_monotonic()
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        # Every frame on the link queues here until this thread reads it, and under emulation
+        # a test's client threads can starve it for seconds: the default buffer (about 200
+        # KiB, some hundred frames) then overflows and drops the very RST being waited for.
+        # Frames keep their arrival time however late they are read.
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
         self._sock.bind((link, 0))
         self._sock.settimeout(0.2)
         self._stop = threading.Event()
