@@ -68,8 +68,11 @@ class ClientLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop starting connects and wait for those under way. Safe to call more than once,
+        and before start (a caller's cleanup after a failed set-up)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         self._pool.shutdown(wait=True)
 
 
@@ -110,7 +113,8 @@ class WeightWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
 
 def _config(workdir: Path, backends) -> Path:

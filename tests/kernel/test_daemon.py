@@ -135,6 +135,24 @@ def fresh(daemon, _session_topology):
     return daemon
 
 
+@pytest.fixture
+def clients():
+    """Starts client loops through the VIP, and stops each when its test ends, passed or
+    failed: a loop left running after a failed assertion would load, and fail, every later
+    test in the module (it once cost CI four failures for one)."""
+    started: list[ClientLoop] = []
+
+    def start(rate: int = 50) -> ClientLoop:
+        loop = ClientLoop(VIP, PORT, rate=rate, timeout=3)
+        loop.start()
+        started.append(loop)
+        return loop
+
+    yield start
+    for loop in started:
+        loop.stop()
+
+
 def endpoint(b) -> str:
     return f"{b.v4}:{b.port}"
 
@@ -147,10 +165,9 @@ def test_the_daemon_builds_ipvs_from_its_config(fresh, _session_topology):
                                          capture_output=True, text=True).stdout
 
 
-def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ramp(fresh, _session_topology):
+def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ramp(clients, fresh, _session_topology):
     b = _session_topology.backends[0]
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+    client = clients()
     time.sleep(2)
     with ResetWatch(b.host_link, str(b.v4), b.port) as resets:
         fault = time.monotonic()
@@ -187,10 +204,9 @@ def test_refused_backend_is_out_within_rtt_plus_20ms_and_returns_through_the_ram
     assert len(failed_after_detection) <= 1
 
 
-def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fails(fresh, _session_topology):
+def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fails(clients, fresh, _session_topology):
     b = _session_topology.backends[1]
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+    client = clients()
     # At least 20 successful connects to it, so its adaptive deadline is trusted.
     wait_for(lambda: sum(1 for a in client.attempts if a.ok and a.backend == f"b{b.index}") >= 20, 30,
              "a connect history")
@@ -211,7 +227,7 @@ def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fail
 
 
 def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are_only_counted(
-        fresh, _session_topology):
+        clients, fresh, _session_topology):
     """At 100 connects/s per backend, faster than one per sample interval (20 ms), the tracer
     times some connects and only counts the others. A blackhole is still caught by the
     deadline of the next timed connect: at most one sample interval later than if every
@@ -220,8 +236,7 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
     # Out of probation, where one failure re-quarantines at once: this is the normal path.
     wait_for(lambda: fresh.backends()[endpoint(b)]["probation_until"] is None, 60, "probation over")
     counted_before = fresh.status()["counted_successes"]
-    client = ClientLoop(VIP, PORT, rate=300, timeout=3)
-    client.start()
+    client = clients(rate=300)
     wait_for(lambda: fresh.backends()[endpoint(b)]["connect_deadline"] is not None, 30, "a trusted deadline")
     time.sleep(0.5)
     counted = fresh.status()["counted_successes"] - counted_before
@@ -249,7 +264,7 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
 
 
 def test_blackholed_backend_without_history_is_out_by_its_first_syn_retransmit_plus_one_probe(
-        fresh, _session_topology):
+        clients, fresh, _session_topology):
     # A restart forgets every connect history: the deadline is not trusted yet, so the first
     # SYN retransmit (1 s) is the soft signal, then the probe (timeout 1 s) or the failure
     # streak decides.
@@ -259,8 +274,7 @@ def test_blackholed_backend_without_history_is_out_by_its_first_syn_retransmit_p
     assert fresh.backends()[endpoint(b)]["connect_deadline"] is None
     b.set_mode("blackhole")
     fault = time.monotonic()
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+    client = clients()
     row = wait_for(lambda: (r := fresh.backends()[endpoint(b)]) and r["weight"] == 0 and r, 15, "weight 0")
     out_at = first_weight(row, lambda w: w == 0, fault)
     time.sleep(4)
@@ -302,9 +316,8 @@ def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh,
     assert samples[("ipvslb_reconcile_runs_total", frozenset())] >= 1
 
 
-def test_all_backends_refusing_quarantines_at_most_half_and_reports_the_freeze(fresh, _session_topology):
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+def test_all_backends_refusing_quarantines_at_most_half_and_reports_the_freeze(clients, fresh, _session_topology):
+    client = clients()
     time.sleep(1)
     for b in _session_topology.backends:
         b.set_mode("refuse")
@@ -334,10 +347,9 @@ def test_reload_applies_new_backends_and_ignores_a_broken_file(fresh, _session_t
     assert fresh.proc.pid == pid and fresh.proc.poll() is None
 
 
-def test_kill_9_loses_no_connects_and_restart_writes_nothing(fresh, _session_topology):
+def test_kill_9_loses_no_connects_and_restart_writes_nothing(clients, fresh, _session_topology):
     b = _session_topology.backends[2]
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+    client = clients()
     b.set_mode("refuse")
     wait_for(lambda: fresh.backends()[endpoint(b)]["weight"] == 0, 10, "quarantine")
     failed_before_kill = sum(1 for a in client.attempts if not a.ok)
@@ -361,7 +373,7 @@ def test_kill_9_loses_no_connects_and_restart_writes_nothing(fresh, _session_top
     wait_for(lambda: fresh.backends()[endpoint(b)]["state"] == "healthy", 60, "re-admission after restart")
 
 
-def test_a_healthy_backend_300ms_away_is_never_quarantined(fresh, _session_topology):
+def test_a_healthy_backend_300ms_away_is_never_quarantined(clients, fresh, _session_topology):
     """One minute of the client loop with one backend behind 300 ms of netem delay.
 
     The delay arrives while the daemon's history says that backend answers in about a
@@ -369,8 +381,7 @@ def test_a_healthy_backend_300ms_away_is_never_quarantined(fresh, _session_topol
     far = _session_topology.backends[0]
     far.set_delay(300)
     started = time.monotonic()
-    client = ClientLoop(VIP, PORT, rate=50, timeout=3)
-    client.start()
+    client = clients()
     time.sleep(60)
     client.stop()
     rows = fresh.backends()
