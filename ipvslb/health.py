@@ -48,6 +48,8 @@ Decisions where health.md is silent:
   docs/tracer.md); only those carry ConnectStarted and Established, so only they have a
   deadline and feed the history. The rest arrive as `Successes` counts, and their failures
   as usual records: a blackhole is still caught by the next timed connect's deadline.
+  Counts may arrive after records of later failures (the daemon reads them last): a
+  success ends only a streak whose latest failure is not later than it.
 - A missed deadline never counts toward `failure_threshold`: it only raises suspicion and
   the probe decides (health.md). Several connects in flight to a backend whose path just
   got slower all miss the same old deadline before the first late SYN-ACK arrives; counting
@@ -347,6 +349,7 @@ class _Backend:
     interval: float  # current wait between probes (grows while probes fail)
     history: _ConnectHistory = field(default_factory=_ConnectHistory)
     streak: int = 0  # consecutive failures without a success
+    last_failure_at: float | None = None  # when the latest failure counted in the streak happened
     probe_outstanding: bool = False
     probe_timeout: float = 0.0
     # The slowest client connect that succeeded while the probe was out: proof of life
@@ -757,8 +760,11 @@ class ServiceHealth:
 
     def _success(self, b: _Backend, t: float, count: int = 1) -> list[Action]:
         b.counters["successes"] += count
-        b.last_success_at = t
-        b.streak = 0
+        b.last_success_at = t if b.last_success_at is None else max(b.last_success_at, t)
+        # Successes the tracer only counted reach the engine after the records of the same
+        # read: one that happened before the streak's latest failure does not end it.
+        if b.last_failure_at is None or t >= b.last_failure_at:
+            b.streak = 0
         if b.probation_until is not None:
             b.successes_since_readmit += count
         elif b.state is State.HEALTHY:
@@ -810,6 +816,8 @@ class ServiceHealth:
             return []
         b.counters["hard_failures" if hard else "soft_failures"] += 1
         self._note(b, evidence, t)
+        if counts_toward_streak:
+            b.last_failure_at = t if b.last_failure_at is None else max(b.last_failure_at, t)
         # Correlation first, so the failure that completes the pattern is already frozen.
         actions = self._note_failure_for_correlation(key, t)
         return actions + self._judge_failure(b, now, evidence, started, counts_toward_streak)

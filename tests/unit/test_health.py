@@ -187,6 +187,19 @@ def test_counted_successes_reset_the_streak_and_count_but_time_nothing():
     assert row["connect_deadline"] is None  # counted connects carry no connect time
 
 
+def test_a_counted_success_fed_after_a_later_failure_does_not_end_the_streak():
+    # The daemon feeds counted successes after the records of the same read: a success
+    # from before the failure must not wipe the failure out of the streak.
+    h = make_engine()
+    refuse(h, A, 10.0)
+    refuse(h, A, 10.2)
+    assert h.feed(Successes(A, 4, 10.1), 10.3) == []
+    actions = refuse(h, A, 10.4)
+    assert (A, State.SUSPECT, State.QUARANTINED) in transitions(actions)  # 3 in a row
+    assert h.snapshot()["backends"][0]["counters"]["successes"] == 4
+    assert h.snapshot()["backends"][0]["last_success_at"] == 10.1
+
+
 def test_counted_successes_for_unknown_or_disabled_backends_are_ignored():
     h = make_engine(weights=[10, 10, 0])
     assert h.feed(Successes(D, 3, 1.0), 1.0) == []

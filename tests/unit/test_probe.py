@@ -41,6 +41,18 @@ def test_tcp_refusal_is_known_before_the_event_loop_runs():
     assert asyncio.run(started.result(1.0)) == started.outcome
 
 
+def test_a_probe_answered_at_once_is_closed_without_the_event_loop_and_resets_the_backend(listener):
+    # On loopback the handshake completes inside connect(): the daemon judges the outcome
+    # in the same step and only closes the probe, with RST so no TIME_WAIT is left.
+    started = probe.TcpProbe(LOCALHOST, listener.getsockname()[1])
+    assert started.outcome is not None and started.outcome.ok
+    started.close()
+    assert started.sock.fileno() == -1
+    accepted, _ = listener.accept()
+    with accepted, pytest.raises(ConnectionResetError):
+        accepted.recv(1)
+
+
 def test_tcp_probe_times_out_when_syns_are_dropped():
     # A full accept queue drops new SYNs (tcp_abort_on_overflow=0): the connect hangs.
     s = socket.socket()
