@@ -349,7 +349,7 @@ class _Backend:
     interval: float  # current wait between probes (grows while probes fail)
     history: _ConnectHistory = field(default_factory=_ConnectHistory)
     streak: int = 0  # consecutive failures without a success
-    last_failure_at: float | None = None  # when the latest failure counted in the streak happened
+    last_failure_at: float | None = None  # when the latest failure of the kind a streak counts happened
     probe_outstanding: bool = False
     probe_timeout: float = 0.0
     # The slowest client connect that succeeded while the probe was out: proof of life
