@@ -94,11 +94,12 @@ struct conn {
     struct backend backend;
     u8 reset;
     u8 established;
-    u8 counted;           // not timed: its success is counted in `successes`, not reported
-    u8 pad[5];
+    u8 counted;           // not timed: its success is counted in `pair_counts`, not reported
+    u8 pad;
+    u32 slot;             // when counted: its pair's slot in `pair_counts`
 };
 
-// One (VIP, backend) pair. Layout decoded by ipvslb/events.py ("<16s16sHHBBBx").
+// One (VIP, backend) pair. Layout encoded by ipvslb/events.py ("<16s16sHHBBBx").
 struct pair {
     u8 vaddr[16];
     u8 baddr[16];
@@ -110,6 +111,7 @@ struct pair {
     u8 pad;
 };
 
+// Read by ipvslb/tracer.py through the memory mapping of `pair_counts` ("<QQQ").
 struct pair_stats {
     u64 last_timed_ns;    // start of the last connect reported with CONNECT and ESTABLISHED
     u64 counted;          // connects established without records (monotonic)
@@ -154,7 +156,14 @@ BPF_ARRAY(connecting, u64, CONNECTING_SLOTS);
 BPF_TABLE("lru_hash", struct tuple, struct backend, unclaimed, 1024);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 // Successes counted in the kernel instead of reported, per (VIP, backend): see OPT_SAMPLE.
-BPF_HASH(successes, struct pair, struct pair_stats, 4096);
+// The reader gives each pair a slot in `pair_counts` once a timed connect has shown the pair
+// to it, and reads the counts through the array's memory mapping: no system call per read,
+// where walking a hash map cost the reader two per pair. Until a pair has a slot, every
+// connect to it is timed. Array elements are looked up inline, so a counted success costs
+// no hash lookup either: the connection keeps its pair's slot.
+#define PAIR_SLOTS 4096
+BPF_HASH(pair_slots, struct pair, u32, PAIR_SLOTS);
+BPF_F_TABLE("array", int, struct pair_stats, pair_counts, PAIR_SLOTS, BPF_F_MMAPABLE);
 // options[0] = 1: report CLOSED after established. Off by default: health needs no closes,
 // and forgetting a connection once it is established halves the records and map work.
 // options[1] = wakeup interval in microseconds, 0 = wake the reader for every record. Routine
@@ -163,7 +172,7 @@ BPF_HASH(successes, struct pair, struct pair_stats, 4096);
 // traced host a context switch per connect. Failure evidence always wakes the reader.
 // options[2] = sample interval in microseconds, 0 = report every connect. A connect to a
 // (VIP, backend) pair is timed (CONNECT and ESTABLISHED records) when none to that pair was
-// timed within the interval; the others that succeed are only counted in `successes`. The
+// timed within the interval; the others that succeed are only counted in `pair_counts`. The
 // daemon then decodes a few records per pair and interval instead of two per connect, and
 // still times enough connects for the adaptive deadline. Failure evidence (reset, SYN
 // retransmit, closed in SYN_SENT) is reported for every connect, timed or not.
@@ -257,25 +266,26 @@ static __always_inline int count_only(struct conn *c, u64 now) {
         return 0;
     struct pair p = {};
     pair_of(&p, c);
-    struct pair_stats *s = successes.lookup(&p);
-    if (!s) {
-        struct pair_stats fresh = {};
-        fresh.last_timed_ns = now;
-        successes.insert(&p, &fresh);  // full: the connect is timed, nothing is lost
+    u32 *slot = pair_slots.lookup(&p);
+    if (!slot)
+        return 0;  // the reader learns the pair from this connect's records
+    int index = *slot;
+    struct pair_stats *s = pair_counts.lookup(&index);
+    if (!s)
         return 0;
-    }
-    if (now - s->last_timed_ns < (u64)interval_us * 1000)
+    if (now - s->last_timed_ns < (u64)interval_us * 1000) {
+        c->slot = index;
         return 1;
+    }
     s->last_timed_ns = now;
     return 0;
 }
 
 static __always_inline void count_success(struct conn *c, u64 now) {
-    struct pair p = {};
-    pair_of(&p, c);
-    struct pair_stats *s = successes.lookup(&p);
+    int index = c->slot;
+    struct pair_stats *s = pair_counts.lookup(&index);
     if (!s)
-        return;  // the pair was removed meanwhile: the daemon forgot that backend
+        return;
     __sync_fetch_and_add(&s->counted, 1);
     s->last_counted_ns = now;
 }

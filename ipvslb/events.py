@@ -140,14 +140,14 @@ def decode_slots(data: bytes) -> list[ConnEvent]:
         return [_event(*fields) for fields in RING_SLOT.iter_unpack(data)]
 
 
-# struct pair and struct pair_stats: the `successes` map's key and value.
+# struct pair, the `pair_slots` map's key, and struct pair_stats, a `pair_counts` element.
 PAIR = struct.Struct("<16s16sHHBBBx")
 PAIR_STATS = struct.Struct("<QQQ")
 
 
 class Counted(NamedTuple):
     """Connects to one (VIP, backend) that established without records, as the kernel counts
-    them: `count` since the tracer loaded, the last at `ts` (monotonic seconds)."""
+    them: `count` since the pair got its slot, the last at `ts` (monotonic seconds)."""
 
     protocol: str
     vip: Endpoint
@@ -156,17 +156,13 @@ class Counted(NamedTuple):
     ts: float
 
 
-def decode_pair(key: bytes) -> tuple[str, Endpoint, Endpoint]:
-    """(protocol, VIP, backend) of a `successes` map key."""
-    vaddr, baddr, vport, bport, family, bfamily, protocol = PAIR.unpack(key)
-
-    return (PROTOCOLS.get(protocol, str(protocol)), (_address(vaddr, family), vport),
-            (_address(baddr, bfamily), bport))
-
-
-def decode_counted(key: bytes, value: bytes) -> Counted:
-    _last_timed, count, last_ns = PAIR_STATS.unpack(value)
-    return Counted(*decode_pair(key), count, last_ns / 1e9)
+def pair_key(protocol: str, vip: Endpoint, backend: Endpoint) -> bytes:
+    """The `pair_slots` map key (struct pair) for one (VIP, backend)."""
+    (vaddr, vport), (baddr, bport) = vip, backend
+    return PAIR.pack(vaddr.packed.ljust(16, b"\0"), baddr.packed.ljust(16, b"\0"), vport, bport,
+                     AF_INET if vaddr.version == 4 else AF_INET6,
+                     AF_INET if baddr.version == 4 else AF_INET6,
+                     {"tcp": 6, "udp": 17}[protocol])
 
 
 class CountedSince:

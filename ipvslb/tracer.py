@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb import btf, conntable, events, ringbuf
+from ipvslb import btf, conntable, events, paircounts, ringbuf
 from ipvslb.events import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
@@ -104,6 +104,19 @@ def _recursion_misses(fd: int) -> int:
     return 0
 
 
+class _KernelSlots:
+    """The `pair_slots` map as PairCounts writes it: struct pair bytes -> slot number."""
+
+    def __init__(self, table):
+        self._table = table
+
+    def __setitem__(self, key: bytes, slot: int) -> None:
+        self._table[self._table.Key.from_buffer_copy(key)] = ctypes.c_uint32(slot)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._table[self._table.Key.from_buffer_copy(key)]
+
+
 class Tracer:
     """One loaded BPF program. `attribution` is "kprobe" when IPVS's own choice of backend is
     traced, "conntable" when the kprobe could not attach and /proc/net/ip_vs_conn is read.
@@ -143,6 +156,12 @@ class Tracer:
         # next read. Edge-triggered, this epoll reports only the kernel's wakeups.
         self._wakeups = select.epoll()
         self._wakeups.register(ring_fd, select.EPOLLIN | select.EPOLLET)
+        counts = self.bpf[b"pair_counts"]
+        size = len(counts) * events.PAIR_STATS.size
+        self._counts_map = mmap.mmap(counts.map_fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE,
+                                     mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._pair_counts = paircounts.PairCounts(_KernelSlots(self.bpf[b"pair_slots"]),
+                                                  memoryview(self._counts_map), len(counts))
         self.set_report_closed(settings.report_closed)
         self.set_wakeup_interval(settings.wakeup_interval)
         self.set_sample_interval(settings.sample_interval)
@@ -174,12 +193,8 @@ class Tracer:
         table = self.bpf[b"vips"]
         for key in self._vips - wanted:
             del table[table.Key.from_buffer_copy(key)]
-        # Forget the counts of services no longer traced (the map is bounded).
-        counts = self.bpf[b"successes"]
-        for key in list(counts.keys()):
-            protocol, vip, _backend = events.decode_pair(bytes(key))
-            if events.vip_key(protocol, *vip) not in wanted:
-                del counts[key]
+        # Free the count slots of services no longer traced (they are bounded).
+        self._pair_counts.forget(lambda protocol, vip: events.vip_key(protocol, *vip) in wanted)
         for key in wanted - self._vips:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
         for port in self._ports - ports:
@@ -202,6 +217,8 @@ class Tracer:
             table = conntable.read()
             batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
                      for e in batch]
+        if self.sample_interval:
+            self._pair_counts.learn(batch)
         return batch
 
     def set_report_closed(self, on: bool) -> None:
@@ -222,7 +239,7 @@ class Tracer:
     def counted(self) -> list[events.Counted]:
         """Successes counted in the kernel rather than reported, per (VIP, backend).
         Counts only grow; a reader takes the difference from its last call."""
-        return [events.decode_counted(bytes(k), bytes(v)) for k, v in self.bpf[b"successes"].items()]
+        return self._pair_counts.read()
 
     def lost_records(self) -> int:
         return int(self.bpf[b"lost"].sum(0).value)
@@ -241,4 +258,6 @@ class Tracer:
     def close(self) -> None:
         self._wakeups.close()
         self._ring.close()
+        self._pair_counts.release()
+        self._counts_map.close()
         self.bpf.cleanup()

@@ -56,21 +56,17 @@ def test_vip_key_matches_the_bpf_struct_layout():
     assert key == bytes([10, 0, 0, 1]) + b"\0" * 12 + (53).to_bytes(2, "little") + bytes([17, 2])
 
 
-def pair(vip="10.90.0.1", backend="fd77::2", protocol=6):
-    v, b = ipaddress.ip_address(vip), ipaddress.ip_address(backend)
-    return events.PAIR.pack(v.packed.ljust(16, b"\0"), b.packed.ljust(16, b"\0"), 80, 8080,
-                            2 if v.version == 4 else 10, 2 if b.version == 4 else 10, protocol)
-
-
-def test_pair_layout_is_struct_pair_and_decodes_both_families():
+def test_pair_key_is_struct_pair_for_both_families():
+    v, b = ipaddress.ip_address("10.90.0.1"), ipaddress.ip_address("fd77::2")
+    key = events.pair_key("tcp", (v, 80), (b, 8080))
     assert events.PAIR.size == 40 and events.PAIR_STATS.size == 24
-    c = events.decode_counted(pair(), events.PAIR_STATS.pack(7_000_000_000, 12, 7_500_000_000))
-    assert c == events.Counted("tcp", (ipaddress.ip_address("10.90.0.1"), 80),
-                               (ipaddress.ip_address("fd77::2"), 8080), 12, 7.5)
+    assert key == (bytes([10, 90, 0, 1]) + b"\0" * 12 + b.packed + (80).to_bytes(2, "little")
+                   + (8080).to_bytes(2, "little") + bytes([2, 10, 6, 0]))
 
 
 def counted(count, backend="10.77.0.1"):
-    return events.decode_counted(pair(backend=backend), events.PAIR_STATS.pack(0, count, count * 10**9))
+    return events.Counted("tcp", (ipaddress.ip_address("10.90.0.1"), 80), (ipaddress.ip_address(backend), 8080),
+                          count, float(count))
 
 
 def test_counted_since_returns_only_what_is_new_per_pair():
