@@ -38,7 +38,7 @@ class PairCounts:
             raise ValueError(f"{len(counts)} bytes cannot hold {capacity} pair slots")
         self._kernel_slots = slots
         # Aligned 8-byte loads and stores: the kernel updates these words while they are read.
-        self._words = counts.cast("B").cast("Q")
+        self._words = counts.cast("Q")
         self._slots: dict[Pair, int] = {}
         self._never_used = iter(range(capacity))
         # Freed slots are handed out again only once no slot was never used, so that a
