@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -175,17 +176,26 @@ def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) ->
     """Run one VM; return how vng ended and every line it and the guest's console printed,
     for when the guest reports nothing. (vng exits 255 even when the guest's command
     succeeded: the guest's own exit code is in `rc`.) The same is appended to `vng_log`."""
+    # Its own process group: vng starts virtme-run, which starts QEMU, and a timeout must
+    # stop all three (killing vng alone once left a QEMU running for half an hour).
+    vm = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
     try:
-        vm = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            errors="replace", timeout=timeout)
-    except subprocess.TimeoutExpired as late:
-        said = as_text(late.stdout) + as_text(late.stderr)
+        stdout, stderr = vm.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(vm.pid, signal.SIGKILL)
+        stdout, stderr = vm.communicate()
+        said = stdout + stderr
         with vng_log.open("a") as f:
             f.write(f"--- timed out after {timeout:.0f} s\n{said}")
         return VmEnd(f"timed out after {timeout:.0f} s", True, said.splitlines())
+    finally:
+        if vm.poll() is None:  # interrupted (Ctrl-C): the VM goes with us
+            os.killpg(vm.pid, signal.SIGKILL)
+            vm.wait()
     with vng_log.open("a") as f:
-        f.write(f"--- vng exit code {vm.returncode}\n{vm.stdout}{vm.stderr}")
-    return VmEnd(f"vng exit code {vm.returncode}", False, (vm.stdout + vm.stderr).splitlines())
+        f.write(f"--- vng exit code {vm.returncode}\n{stdout}{stderr}")
+    return VmEnd(f"vng exit code {vm.returncode}", False, (stdout + stderr).splitlines())
 
 
 # The guest kernel's own account of its death, from its console.
@@ -222,13 +232,6 @@ def emulator_fault(vm_said: VmEnd) -> str | None:
         return None
     where = next((line for line in crash if line.startswith("RIP:")), "")
     return " ".join(filter(None, ["Oops: int3", where])) + ", no int3 in memory there"
-
-
-def as_text(output: bytes | str | None) -> str:
-    """What a timed-out process had printed (bytes, whatever `text` asked for)."""
-    if isinstance(output, bytes):
-        return output.decode(errors="replace")
-    return output or ""
 
 
 def failure_lines(log: str, per_failure: int = 12) -> list[str]:
