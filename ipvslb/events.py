@@ -16,6 +16,7 @@ RECORD = struct.Struct("<QQQ16s16s16sHHHHBBBBI")
 RING_SLOT = struct.Struct("<8x" + RECORD.format.lstrip("<"))
 AF_INET, AF_INET6 = 2, 10
 PROTOCOLS = {6: "tcp", 17: "udp"}
+PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
 
 
 class Kind(enum.IntEnum):
@@ -162,7 +163,7 @@ def pair_key(protocol: str, vip: Endpoint, backend: Endpoint) -> bytes:
     return PAIR.pack(vaddr.packed.ljust(16, b"\0"), baddr.packed.ljust(16, b"\0"), vport, bport,
                      AF_INET if vaddr.version == 4 else AF_INET6,
                      AF_INET if baddr.version == 4 else AF_INET6,
-                     {"tcp": 6, "udp": 17}[protocol])
+                     PROTOCOL_NUMBERS[protocol])
 
 
 class CountedSince:
@@ -188,6 +189,6 @@ class CountedSince:
 
 def vip_key(protocol: str, address: IPAddress, port: int) -> bytes:
     """The `vips` map key (struct vip_key) for one managed service."""
-    proto = {"tcp": 6, "udp": 17}[protocol]
+    proto = PROTOCOL_NUMBERS[protocol]
     family = AF_INET if address.version == 4 else AF_INET6
     return struct.pack("<16sHBB", address.packed.ljust(16, b"\0"), port, proto, family)
