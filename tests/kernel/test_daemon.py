@@ -305,8 +305,11 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
     counted_before = fresh.status()["counted_successes"]
     client = clients(rate=300)
     wait_for(lambda: fresh.backends()[endpoint(b)]["connect_deadline"] is not None, 30, "a trusted deadline")
-    time.sleep(0.5)
-    counted = fresh.status()["counted_successes"] - counted_before
+    # A slow host's client reaches 60-90 connects/s of the 300 asked, one per backend every
+    # 35-50 ms on average: only its bursts put two into one sample interval. Wait for those,
+    # so the fault lands while sampling is under way, not on a lucky 0.5 s.
+    counted = wait_for(lambda: fresh.status()["counted_successes"] - counted_before, 20,
+                       "connects counted without records (two to one backend inside 20 ms)")
     with SynWatch(b.host_link, str(b.v4), b.port) as syns:
         fault = time.monotonic()
         b.set_mode("blackhole")
@@ -326,8 +329,6 @@ def test_blackholed_backend_is_caught_by_a_timed_connect_while_most_connects_are
     stuck = [a for a in client.attempts if a.started >= fault and (not a.ok or a.elapsed > 0.5)]
     failed = [a for a in client.attempts if not a.ok]
     print(f"{len(stuck)} connects were stuck on it, {len(failed)} of them failed (3 s timeout)")
-    assert counted > 0, (f"no connect was only counted: the client reached {rate:.0f} connects/s of 300 "
-                         f"asked, not more than one per backend and sample interval (20 ms)")
     assert "suspect -> quarantined: probe failed" in fresh.log().rsplit("healthy -> suspect", 1)[-1]
     assert out_at - first_syn < 0.5 + 0.02
     # expire_nodest_conn rescues the stuck connects at their SYN retransmit; at this rate on an
@@ -385,8 +386,7 @@ def test_metrics_endpoint_serves_backend_state_weight_and_tracer_counters(fresh,
     assert ("ipvslb_tracer_missed_runs_total", frozenset()) in samples  # the kernel's recursion_misses
     assert samples[("ipvslb_tracer_records_total", frozenset({("kind", "established")}))] > 0
     counted = samples[("ipvslb_tracer_counted_connects_total", frozenset())]
-    assert counted > 0, (f"no connect was only counted: the client reached {rate:.0f} connects/s of 300 "
-                         f"asked, not more than one per backend and sample interval (20 ms)")
+    assert counted > 0, "30 connects in a burst, and none was only counted"
     established = sum(v for (name, _), v in samples.items() if name == "ipvslb_backend_connects_established_total")
     assert established >= 30
     assert samples[("ipvslb_reconcile_runs_total", frozenset())] >= 1
