@@ -47,19 +47,26 @@ class _Watch:
         self._sock.bind((link, 0))
         self._sock.settimeout(0.2)
         self._stop = threading.Event()
+        self._stopped_at = float("inf")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # On close, frames from before it may still be queued (this thread was starved):
+        # read on until the queue is empty or a frame is stamped after the close.
+        while True:
             try:
                 frame, ancillary, _, _ = self._sock.recvmsg(256, socket.CMSG_SPACE(16))
             except TimeoutError:
+                if self._stop.is_set():
+                    return
                 continue
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                     seconds, nanoseconds = struct.unpack("qq", data[:16])
                     t = seconds + nanoseconds / 1e9 - self._offset
+                    if t > self._stopped_at:
+                        return
                     for outgoing in (False, True):
                         if segment := self._tcp(frame, outgoing):
                             self._seen(t, outgoing, *segment)
@@ -92,6 +99,7 @@ class _Watch:
         return frame[tcp + 13], (source if outgoing else destination)
 
     def close(self) -> None:
+        self._stopped_at = time.monotonic()
         self._stop.set()
         self._thread.join()
         self._sock.close()
