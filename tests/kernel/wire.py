@@ -46,8 +46,7 @@ class _Watch:
         self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
         self._sock.bind((link, 0))
         self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._stopped_at = float("inf")
+        self._stopped_at = float("inf")  # set by close(), from another thread
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -58,7 +57,7 @@ class _Watch:
             try:
                 frame, ancillary, _, _ = self._sock.recvmsg(256, socket.CMSG_SPACE(16))
             except TimeoutError:
-                if self._stop.is_set():
+                if self._stopped_at < float("inf"):
                     return
                 continue
             for level, kind, data in ancillary:
@@ -100,7 +99,6 @@ class _Watch:
 
     def close(self) -> None:
         self._stopped_at = time.monotonic()
-        self._stop.set()
         self._thread.join()
         self._sock.close()
 
