@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -34,7 +35,8 @@ class Attempt:
     ok: bool
     elapsed: float
     backend: str = ""
-    error: str = ""
+    error: str = ""  # "connect: ..." or "greeting: ...": which step failed
+    client_port: int = 0  # to find the connect on the wire
 
 
 class ClientLoop:
@@ -49,13 +51,28 @@ class ClientLoop:
 
     def _one(self) -> None:
         started = time.monotonic()
+        family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
+        port, step = 0, "connect"
         try:
-            with socket.create_connection(self.target, timeout=self.timeout) as s:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                # Non-blocking, so the client port is known before the connect ends: a failed
+                # connect gives its port back.
+                s.setblocking(False)
+                s.connect_ex(self.target)
+                port = s.getsockname()[1]
+                writable = select.poll()  # not select(): threads of a busy client hold fds past 1024
+                writable.register(s, select.POLLOUT)
+                if not writable.poll(self.timeout * 1000):
+                    raise TimeoutError("timed out")
+                if err := s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise OSError(err, os.strerror(err))
+                step = "greeting"
+                s.settimeout(self.timeout)
                 name = s.makefile("rb").readline().strip().decode()
-            self.attempts.append(Attempt(started, True, time.monotonic() - started, name))
+            self.attempts.append(Attempt(started, True, time.monotonic() - started, name, client_port=port))
         except OSError as err:
             self.attempts.append(Attempt(started, False, time.monotonic() - started,
-                                         error=err.strerror or type(err).__name__))
+                                         error=f"{step}: {err.strerror or err}", client_port=port))
 
     def _run(self) -> None:
         tick = time.monotonic()
