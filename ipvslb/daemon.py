@@ -159,9 +159,9 @@ class Daemon:
             found = health.evidence_from(event)
             if svc is not None and found is not None:
                 self._act(svc, svc.feed(found, now))
-        # After the records' actions: reading the counts costs milliseconds under load
-        # (a map walk), and a refusal's weight 0 should not wait for it. Health does not
-        # let a success end a failure streak that began after it (it compares their times).
+        # After the records' actions: a refusal's weight 0 should not wait for the counts.
+        # Health does not let a success end a failure streak that began after it (it
+        # compares their times).
         counted = self._newly_counted()
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
