@@ -42,8 +42,8 @@ demo: venv
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# --- Packages (issue 6). Build tools come from packaging/setup-build-deps, not setup-host:
-# `make check` does not need them. packaging/deb/README and README.md#install explain.
+# --- Packages. Build tools come from packaging/setup-build-deps (run by these targets), not
+# from setup-host. packaging/deb/README and docs/install.md explain.
 .PHONY: build-deps deb apt-repo rpm rpm-repo packages test-package
 
 build-deps:
@@ -64,15 +64,15 @@ rpm-repo: rpm
 packages: apt-repo rpm-repo
 
 # Boots a Debian systemd guest per kernel (6.1: Debian 12, 6.12: Debian 13) and installs
-# ipvslb from dist/apt by name. `make check` runs it on 6.1 only; README.md#install has the
-# wall times that decided this.
+# ipvslb from dist/apt by name. `make check` runs it on 6.1 only, for CI's time budget
+# (wall times: docs/benchmarks.md#test-suites-and-ci).
 PKGTEST_KERNELS ?= 6.1
 test-package: apt-repo venv
 	for k in $(PKGTEST_KERNELS); do ./packaging/vm-install-test --kernel $$k || exit 1; done
 
-# --- Ansible role and Molecule (issue 7). The tools live in their own venv
+# --- Ansible role and Molecule. The tools live in their own venv
 # (.cache/ansible-venv, pinned in molecule/requirements.txt), not in .venv: .venv is built
-# on the distro's Python packages for the daemon's tests. README.md#fleet-ansible explains.
+# on the distro's Python packages for the daemon's tests.
 .PHONY: ansible-venv lint-ansible test-molecule
 ANSIBLE_VENV ?= .cache/ansible-venv
 ANSIBLE_BIN := $(abspath $(ANSIBLE_VENV))/bin
@@ -92,7 +92,8 @@ lint-ansible: ansible-venv
 
 # The whole Molecule suite: one scenario after the other, each VM holding the test bed's VM
 # lock from create to destroy (17-18 minutes per kernel here under TCG). Not part of
-# `make check`: README.md#fleet-ansible says why. `MOLECULE_SCENARIOS=kernel-6.1` for one.
+# `make check`: it would add over half an hour of VMs to CI (docs/benchmarks.md).
+# `MOLECULE_SCENARIOS=kernel-6.1` for one.
 test-molecule: ansible-venv venv apt-repo
 	for s in $(MOLECULE_SCENARIOS); do \
 	  start=$$(date +%s); \
@@ -100,7 +101,7 @@ test-molecule: ansible-venv venv apt-repo
 	  echo "molecule $$s: passed in $$(( $$(date +%s) - start )) s"; \
 	done
 
-# --- Benchmarks (scripts that print tables, not tests; README.md#measurements quotes them).
+# --- Benchmarks (scripts that print tables, not tests; docs/benchmarks.md has their results).
 .PHONY: bench-failover bench-tracer bench-ipvs
 BENCH_KERNEL ?= 6.12
 
@@ -111,7 +112,7 @@ bench-failover: venv
 
 # Deterministic by default: one vCPU whose clock counts instructions (QEMU -icount), 1 ns each
 # (a 1 GIPS CPU), so the host's load does not move the figures. shift=3 (8 ns each) is the
-# slower model README also quotes; BENCH_TRACER_QEMU= measures wall-clock time instead.
+# slower model docs/benchmarks.md also quotes; BENCH_TRACER_QEMU= measures wall-clock time.
 BENCH_TRACER_QEMU ?= -icount shift=0,sleep=off -smp 1
 BENCH_TRACER_ARGS ?= --cycles 10
 # Instructions, not seconds, set the figures, but the host sets how long they take: 7 minutes
