@@ -3,7 +3,7 @@
 
 Runs inside a VM (it needs IPVS and BPF). `make bench-tracer` runs it on one vCPU whose clock
 counts instructions (QEMU `-icount`, 1 ns each), so the figures do not move with the host's
-load (README, "Which clock", for shift=3, 8 ns each):
+load (docs/benchmarks.md, "Tracer overhead", for shift=3, 8 ns each):
     testbed/run_vm.py --kernels 6.12 --qemu-opts "-icount shift=0,sleep=off -smp 1" \
         --exec "python3 bench/tracer_overhead.py --cycles 10"
 In wall-clock time on 2 vCPUs instead (noisy here: slices swing by ±20 %):
