@@ -142,6 +142,8 @@ def _check_config(args: argparse.Namespace) -> int:
         for line in err.messages:
             print(line, file=sys.stderr)
         return 1
+    for line in config.unit_warnings(cfg, args.file):
+        print(line, file=sys.stderr)
     backends = sum(len(s.backends) for s in cfg.services)
     print(f"{args.file}: ok ({len(cfg.services)} services, {backends} backends)")
     return 0

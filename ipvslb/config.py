@@ -6,7 +6,9 @@ shows them all, one per line:
     <file>: <path>: <problem>: got <value>, expected <what>
 
 with paths such as `services[1].backends[2].port`. `load` and `parse` raise nothing but
-`ConfigError`, whatever the input (tests/unit/test_config.py fuzzes that).
+`ConfigError`, whatever the input (tests/unit/test_config.py fuzzes that), and within a
+bounded time and memory: `load` reads only regular files of at most MAX_FILE_BYTES, YAML
+integers beyond 64 bits are refused before Python converts them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,21 @@ FORWARDING = ("masq", "route", "tunnel")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Durations are capped so that timer arithmetic in the daemon can never overflow.
 MAX_DURATION = 86400.0
+# The pure-Python YAML parser reads about 0.1 MiB per second per CPU-second in the test VM
+# (the C one crashes on deep nesting): a bigger file would stall a reload for minutes and
+# take gigabytes. 2 MiB holds tens of thousands of services.
+MAX_FILE_BYTES = 2 << 20
+# Error lines shown; the rest are counted. One wrong key repeated in a generated file of
+# thousands of services should not flood the journal.
+MAX_MESSAGES = 50
+# Names end up in log lines, metrics labels and status tables.
+MAX_NAME_CHARS = 64
+# Characters of an integer literal; 64 bits take at most 67 ("-0b" and 64 digits). Longer
+# ones are refused before conversion, which is slow (or a ValueError) for thousands of digits.
+MAX_INTEGER_CHARS = 100
+# What the packaged unit (packaging/ipvslb.service) lets the daemon write: its
+# StateDirectory= and RuntimeDirectory= under ProtectSystem=strict. Its /tmp is private.
+UNIT_WRITABLE = ("/var/lib/ipvslb", "/run/ipvslb")
 
 _INVALID = object()  # a check's result when it has reported an error
 _NOTHING = object()  # "no value": nothing to show for a missing key, no default
@@ -48,23 +66,81 @@ class ConfigError(Exception):
 
 def load(path: str | os.PathLike) -> model.Config:
     source = os.fsdecode(path)
+    data = _read_file(source)
     try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         byte = err.object[err.start]
         raise ConfigError([f"{source}: not UTF-8 text: byte {byte:#04x} at offset {err.start}"]) from None
-    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
-        raise ConfigError([f"{source}: cannot read: {getattr(err, 'strerror', None) or err}"]) from None
     return parse(text, source)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_file(source: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_FILE_BYTES. Opened without
+    blocking: opening a FIFO for reading would otherwise wait for a writer."""
+    def fail(problem: str) -> ConfigError:
+        return ConfigError([f"{source}: {problem}"])
+
+    def check_kind(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "another kind of file")
+            raise fail(f"not a regular file: got {kind}, expected a YAML file")
+
+    try:
+        # stat first: a socket cannot be opened at all (ENXIO), which would hide what it is.
+        check_kind(os.stat(source).st_mode)
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise fail(f"cannot read: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        info = os.fstat(fd)
+        check_kind(info.st_mode)  # again: the path may have changed since stat
+        if info.st_size > MAX_FILE_BYTES:
+            raise fail(f"file too large: got {info.st_size} bytes, expected at most {MAX_FILE_BYTES} "
+                       f"({MAX_FILE_BYTES >> 20} MiB)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            # One byte more than allowed: a file that grew since fstat is caught too.
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise fail(f"cannot read: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise fail(f"file too large: got more than {MAX_FILE_BYTES} bytes, expected at most {MAX_FILE_BYTES} "
+                   f"({MAX_FILE_BYTES >> 20} MiB)")
+    return data
 
 
 def parse(text: str, source: str = "<string>") -> model.Config:
     report = _Report(source)
     config = _config(_read_yaml(text, report), report)
     if report.messages:
-        raise ConfigError(report.messages)
+        raise ConfigError(_capped(report.messages, source))
     return config
+
+
+def _capped(messages: list[str], source: str) -> list[str]:
+    if len(messages) <= MAX_MESSAGES:
+        return messages
+    rest = len(messages) - MAX_MESSAGES
+    return [*messages[:MAX_MESSAGES], f"{source}: {rest} more problem{'s' if rest > 1 else ''} not shown"]
+
+
+def unit_warnings(cfg: model.Config, source: str = "<string>") -> list[str]:
+    """Paths the packaged unit does not let the daemon write: valid, but `ipvslb run` under
+    ipvslb.service would fail to create them (or, under /tmp, hide them in its private /tmp)."""
+    lines = []
+    for key in ("state_dir", "status_socket"):
+        path = os.path.normpath(getattr(cfg.settings, key))
+        if not any(path == top or path.startswith(top + "/") for top in UNIT_WRITABLE):
+            lines.append(f"{source}: settings.{key}: warning: not writable under the packaged ipvslb.service: "
+                         f"got {_repr.repr(path)}, expected a path below {' or '.join(UNIT_WRITABLE)} "
+                         f"(or add ReadWritePaths= in a drop-in)")
+    return lines
 
 
 # --- reporting -------------------------------------------------------------------------
@@ -122,6 +198,28 @@ class _Loader(yaml.SafeLoader):
     def construct_object(self, node, deep=False):
         self.current = node
         return super().construct_object(node, deep)
+
+    def construct_yaml_int(self, node):
+        # Checked on the text first: int() of thousands of digits is slow or a ValueError,
+        # and the repr of a huge int raises one.
+        if len(node.value) > MAX_INTEGER_CHARS:
+            return _HugeInteger(node.value)
+        value = super().construct_yaml_int(node)
+        return _HugeInteger(node.value) if value.bit_length() > 64 else value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HugeInteger:
+    """An integer literal beyond 64 bits, kept as text so that checks can name it."""
+
+    text: str
+
+    def __repr__(self) -> str:
+        shown = self.text if len(self.text) <= 40 else f"{self.text[:20]}…{self.text[-8:]}"
+        return f"{shown} ({len(self.text)} characters)" if shown != self.text else shown
 
 
 def _where(mark: yaml.Mark) -> str:
@@ -192,6 +290,9 @@ class _Field:
 
 def _scalar(expected: str, convert: Callable[[Any], Any]) -> _Field:
     def check(value: Any, path: str, report: _Report) -> Any:
+        if isinstance(value, _HugeInteger):
+            report.error(path, "integer beyond 64 bits", expected, value)
+            return _INVALID
         try:
             return convert(value)
         except _Invalid as bad:
@@ -296,6 +397,28 @@ def _address() -> _Field:
     return _scalar("an IPv4 or IPv6 address such as 10.0.0.1 or fd00::1", _ip)
 
 
+def _vip_address(value: Any) -> model.IPAddress:
+    """A VIP is reached by clients through IPVS on this host: an address that stays on the
+    host (loopback), never leaves its link (link-local) or is everyone's (broadcast) is
+    not one IPVS can serve as configured."""
+    address = _ip(value)
+    plain = getattr(address, "ipv4_mapped", None) or address
+    if plain.is_loopback:
+        raise _Invalid("loopback address")
+    if plain.is_link_local:
+        raise _Invalid("link-local address")
+    if plain == ipaddress.IPv4Address("255.255.255.255"):
+        raise _Invalid("broadcast address")
+    if plain.is_unspecified or plain.is_multicast:
+        raise _Invalid("not a unicast address")
+    return address
+
+
+def _vip() -> _Field:
+    return _scalar("a unicast IPv4 or IPv6 address such as 10.0.0.1 or fd00::1, not loopback, "
+                   "link-local or broadcast", _vip_address)
+
+
 def _port() -> _Field:
     return _integer(1, 65535)
 
@@ -335,8 +458,10 @@ def _name() -> _Field:
     def convert(value: Any) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", _text(value)):
             raise _Invalid("bad name")
+        if len(value) > MAX_NAME_CHARS:
+            raise _Invalid("name too long")
         return value
-    return _scalar("a non-empty name of letters, digits, '_', '.' and '-'", convert)
+    return _scalar(f"a name of 1 to {MAX_NAME_CHARS} letters, digits, '_', '.' and '-'", convert)
 
 
 def _interface_name() -> _Field:
@@ -511,7 +636,7 @@ def _scheduler_flags() -> _Field:
 _SERVICE = {
     "name": _name().needed(),
     "protocol": _choice(PROTOCOLS).defaulting("tcp"),
-    "vip": _address().needed(),
+    "vip": _vip().needed(),
     "port": _port().needed(),
     "scheduler": _choice(model.SCHEDULERS),
     "persistence_timeout": _integer(0, 2**32 - 1),
@@ -629,6 +754,11 @@ def _backend_fits(backend: dict[str, Any], raw: Any, path: str, report: _Report,
             and address.version != vip.version):
         report.error(where("address"), f"IPv{address.version} backend for an IPv{vip.version} VIP",
                      f"an IPv{vip.version} address (only forwarding: tunnel mixes families)", str(address))
+        ok = False
+    # IPVS would hand the VIP's connections to the VIP itself: a loop, not a backend.
+    if vip is not None and address is not None and address == vip:
+        report.error(where("address"), "backend is the service's VIP",
+                     "an address other than the VIP", str(address))
         ok = False
     # Route and tunnel forward the packet unchanged: the backend sees the VIP's port.
     if (port is not None and backend_port is not None and forwarding in ("route", "tunnel")

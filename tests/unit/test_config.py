@@ -2,11 +2,17 @@
 whose lines name the file, the path and the bad value; no input raises anything else."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import os
+import signal
+import socket
 import subprocess
+import tempfile
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +73,47 @@ MALFORMED = {
                        "services[0].vip: not a string: got 167772161"),
     "multicast vip": (edit(SERVICE, "vip: 10.0.0.1", "vip: 224.0.0.1"),
                       "services[0].vip: not a unicast address: got '224.0.0.1'"),
+    "loopback vip": (edit(SERVICE, "vip: 10.0.0.1", "vip: 127.0.0.5"),
+                     "services[0].vip: loopback address: got '127.0.0.5'"),
+    "loopback IPv6 vip": ("services:\n  - {name: a, vip: '::1', port: 80, backends: ['[fd00::2]:80']}\n",
+                          "services[0].vip: loopback address: got '::1'"),
+    "IPv4-mapped loopback vip": ("services:\n  - {name: a, vip: '::ffff:127.0.0.1', port: 80, "
+                                 "backends: ['[fd00::2]:80']}\n",
+                                 "services[0].vip: loopback address: got '::ffff:127.0.0.1'"),
+    "link-local vip": (edit(SERVICE, "vip: 10.0.0.1", "vip: 169.254.0.9"),
+                       "services[0].vip: link-local address: got '169.254.0.9'"),
+    "link-local IPv6 vip": ("services:\n  - {name: a, vip: 'fe80::1', port: 80, backends: ['[fd00::2]:80']}\n",
+                            "services[0].vip: link-local address: got 'fe80::1'"),
+    "broadcast vip": (edit(SERVICE, "vip: 10.0.0.1", "vip: 255.255.255.255"),
+                      "services[0].vip: broadcast address: got '255.255.255.255'"),
+    "unspecified vip": (edit(SERVICE, "vip: 10.0.0.1", "vip: 0.0.0.0"),
+                        "services[0].vip: not a unicast address: got '0.0.0.0'"),
+    "vip equal to a backend": (edit(SERVICE, "address: 10.0.1.2", "address: 10.0.0.1"),
+                               "services[0].backends[1].address: backend is the service's VIP: got '10.0.0.1', "
+                               "expected an address other than the VIP"),
+    "vip equal to a compact backend": (edit(SERVICE, "      - address: 10.0.1.2\n        port: 8080\n",
+                                            "      - 10.0.0.1:81\n"),
+                                       "services[0].backends[1]: backend is the service's VIP: got '10.0.0.1'"),
+    "service name of 65 characters": (edit(SERVICE, "name: web", "name: " + "w" * 65),
+                                      f"services[0].name: name too long: got '{'w' * 25}"),
+    "service name with a control character": (edit(SERVICE, "name: web", 'name: "web\\x07"'),
+                                              "services[0].name: bad name: got 'web\\x07'"),
+    "huge hexadecimal port": (edit(SERVICE, "port: 80", "port: 0x" + "f" * 5000),
+                              "services[0].port: integer beyond 64 bits: got 0xffffffffffffffffff…ffffffff (5002 "
+                              "characters), expected an integer from 1 to 65535"),
+    "huge binary weight": (edit(SERVICE, "port: 8080\n", "port: 8080\n        weight: 0b" + "1" * 20000 + "\n"),
+                           "services[0].backends[0].weight: integer beyond 64 bits: got 0b111111111111111111…"),
+    "huge decimal timeout": (edit(SERVICE, "port: 80\n", "port: 80\n    persistence_timeout: " + "9" * 5000 + "\n"),
+                             "services[0].persistence_timeout: integer beyond 64 bits: got 99999999999999999999…"),
+    "integer of 65 bits": (edit(SERVICE, "port: 80", f"port: {2**64}"),
+                           f"services[0].port: integer beyond 64 bits: got {2**64}, expected"),
+    "negative integer of 65 bits": (edit(SERVICE, "port: 80", f"port: -{2**64}"),
+                                    f"services[0].port: integer beyond 64 bits: got -{2**64}, expected"),
+    "huge sexagesimal integer": (edit(SERVICE, "port: 80", "port: 1" + ":59" * 2000),
+                                 "services[0].port: integer beyond 64 bits: got 1:59:59:59:59:59:59:…59:59:59 (6001 characters)"),
+    "huge integer as a backend": (edit(SERVICE, "      - address: 10.0.1.2\n        port: 8080\n",
+                                       "      - " + "7" * 300 + "\n"),
+                                  "services[0].backends[1]: not a mapping or string: got 77777777777777777777…"),
     "bad backend address": (edit(SERVICE, "address: 10.0.1.2", "address: backend-2"),
                             "services[0].backends[1].address: not an IP address: got 'backend-2'"),
     "unknown backend key": (edit(SERVICE, "port: 8080\n", "port: 8080\n        wieght: 3\n"),
@@ -86,7 +133,7 @@ MALFORMED = {
                              "services[0].persistence_timeout: out of range: got -5"),
     "bad service name": (edit(SERVICE, "name: web", "name: my web"),
                          "services[0].name: bad name: got 'my web'"),
-    "missing vip": (edit(SERVICE, "    vip: 10.0.0.1\n", ""), "services[0].vip: missing: expected an IPv4 or IPv6"),
+    "missing vip": (edit(SERVICE, "    vip: 10.0.0.1\n", ""), "services[0].vip: missing: expected a unicast IPv4 or IPv6"),
     "duplicate service key": (extra_service("""\
         - name: web2
           vip: 10.0.0.1
@@ -230,10 +277,104 @@ def test_missing_file_is_an_error_not_a_traceback(tmp_path, capsys):
     assert capsys.readouterr().err == f"{tmp_path / 'absent.yaml'}: cannot read: No such file or directory\n"
 
 
-def test_directory_is_an_error(tmp_path):
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fails the test (instead of hanging it) when the block takes longer than `seconds`."""
+    def expire(signum, frame):
+        raise AssertionError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def special_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "config.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+    else:
+        path.symlink_to(kind)
+    return path
+
+
+@pytest.mark.parametrize("kind, shown", [
+    ("directory", "a directory"), ("FIFO", "a FIFO"), ("socket", "a socket"),
+    ("/dev/zero", "a character device"), ("/dev/null", "a character device")])
+def test_only_regular_files_are_read(tmp_path, capsys, kind, shown):
+    path = special_file(tmp_path, kind)
+    with within(5):
+        assert cli.main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == f"{path}: not a regular file: got {shown}, expected a YAML file\n"
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path):
+    real = tmp_path / "real.yaml"
+    real.write_text(SERVICE)
+    (tmp_path / "link.yaml").symlink_to(real)
+    assert len(config.load(tmp_path / "link.yaml").services) == 1
+
+
+def test_a_file_over_the_size_cap_is_refused_before_parsing(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    # Valid YAML of the cap's size plus one byte: refused for its size alone.
+    path.write_text(SERVICE + "#" * (config.MAX_FILE_BYTES - len(SERVICE)) + "\n")
+    monkeypatch.setattr(config, "parse", lambda *a: pytest.fail("parsed"))
     with pytest.raises(config.ConfigError) as err:
-        config.load(tmp_path)
-    assert err.value.messages == [f"{tmp_path}: cannot read: Is a directory"]
+        config.load(path)
+    assert err.value.messages == [f"{path}: file too large: got {config.MAX_FILE_BYTES + 1} bytes, "
+                                  f"expected at most {config.MAX_FILE_BYTES} (2 MiB)"]
+
+
+def test_a_file_at_the_size_cap_is_read(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(SERVICE + "#" * (config.MAX_FILE_BYTES - len(SERVICE) - 1) + "\n")
+    assert path.stat().st_size == config.MAX_FILE_BYTES
+    assert len(config.load(path).services) == 1
+
+
+def test_errors_beyond_fifty_are_counted_not_shown(tmp_path, capsys):
+    text = "services:\n" + "".join(f"  - {{name: s{i}, vip: 10.0.0.1, port: 0, backends: [10.0.1.1]}}\n"
+                                   for i in range(80))
+    code, err = check_config(tmp_path, capsys, text)
+    lines = err.splitlines()
+    # 80 bad ports and 79 duplicate (protocol, vip, port)... of which the ports are invalid, so
+    # only the 80 port lines: 50 shown, 30 counted.
+    assert code == 1 and len(lines) == 51, err
+    assert lines[49].endswith("services[49].port: out of range: got 0, expected an integer from 1 to 65535")
+    assert lines[50] == f"{tmp_path / 'config.yaml'}: 30 more problems not shown"
+
+
+def test_paths_the_packaged_unit_cannot_write_are_warned_about(tmp_path, capsys):
+    text = "settings: {state_dir: /srv/lb, status_socket: /tmp/lb.sock}\n" + SERVICE
+    code, err = check_config(tmp_path, capsys, text)
+    path = tmp_path / "config.yaml"
+    assert code == 0
+    assert err.splitlines() == [
+        f"{path}: settings.state_dir: warning: not writable under the packaged ipvslb.service: got '/srv/lb', "
+        "expected a path below /var/lib/ipvslb or /run/ipvslb (or add ReadWritePaths= in a drop-in)",
+        f"{path}: settings.status_socket: warning: not writable under the packaged ipvslb.service: "
+        "got '/tmp/lb.sock', expected a path below /var/lib/ipvslb or /run/ipvslb (or add ReadWritePaths= "
+        "in a drop-in)"]
+    code, err = check_config(tmp_path, capsys, "settings: {state_dir: /var/lib/ipvslb/x, "
+                                               "status_socket: /run/ipvslb/s.sock}\n" + SERVICE)
+    assert (code, err) == (0, "")
+
+
+def test_unit_writable_paths_are_the_packaged_units():
+    unit = (ROOT / "packaging/ipvslb.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["ProtectSystem"] == "strict"
+    assert config.UNIT_WRITABLE == (f"/var/lib/{settings['StateDirectory']}", f"/run/{settings['RuntimeDirectory']}")
+    # The defaults are writable, so the packaged file gets no warning.
+    assert config.unit_warnings(model.Config()) == []
 
 
 def test_binary_file_is_an_error(tmp_path):
@@ -487,3 +628,77 @@ config_like = st.fixed_dictionaries({}, optional={"services": maybe(st.lists(ser
 @given(config_like)
 def test_fuzz_config_shaped_structures(doc):
     parses_or_config_error(yaml.safe_dump(doc))
+
+
+# --- fuzz: hostile sizes, numbers, nesting and files, each within a time bound -------------
+
+def huge_literal(sign: str, form: str, digits: str, length: int) -> str:
+    """A literal of `length` digits (beyond 64 bits in every base) built from `digits`."""
+    alphabet = {"dec": "123456789", "hex": "123456789abcdef", "bin": "1", "oct": "1234567"}[form]
+    body = "".join(alphabet[ord(c) % len(alphabet)] for c in digits) * (length // len(digits) + 1)
+    prefix = {"dec": "", "hex": "0x", "bin": "0b", "oct": "0"}[form]  # YAML 1.1 octal: a leading 0
+    return sign + prefix + body[:length]
+
+
+# 66 to 30 000 digits: beyond 64 bits in every base; up to 100 characters they are
+# converted and measured, longer ones refused on their length.
+huge_integers = st.builds(huge_literal, st.sampled_from(["", "-", "+"]), st.sampled_from(["dec", "hex", "bin", "oct"]),
+                          st.text(min_size=1, max_size=30), st.integers(66, 30000))
+INTEGER_FIELDS = ["port: {}", "persistence_timeout: {}", "health: {{rise: {}}}", "health: {{max_quarantined: {}}}",
+                  "health: {{probation: {}}}", "scheduler_flags: [{}]"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(huge_integers, st.sampled_from(INTEGER_FIELDS))
+def test_fuzz_integers_beyond_64_bits_are_named_not_converted(literal, field):
+    text = SERVICE.replace("    port: 80\n", "    " + field.format(literal) + "\n" if "port" in field else
+                           "    port: 80\n    " + field.format(literal) + "\n")
+    started = time.monotonic()
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text, "fuzz.yaml")
+    assert time.monotonic() - started < 2
+    (line,) = err.value.messages
+    assert "integer beyond 64 bits: got " in line and len(line) < 300, line
+
+
+nesting = st.lists(st.sampled_from(["[", "{a: ", "- ", "? ", "&x [", "!!seq ["]), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nesting, st.integers(min_value=1, max_value=30000), st.booleans())
+def test_fuzz_deep_nesting(openers, depth, closed):
+    text = "services: " + "".join(openers[i % len(openers)] for i in range(depth))
+    if closed:
+        text += "1" + "".join("]" if o.endswith("[") else "}" if o.startswith("{") else "" for o in
+                              (openers[i % len(openers)] for i in reversed(range(depth))))
+    with within(20):
+        parses_or_config_error(text)
+
+
+file_kinds = st.sampled_from(["bytes", "oversized", "FIFO", "directory", "socket", "/dev/zero", "/dev/urandom",
+                              "/dev/null", "dangling", "loop"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(file_kinds, st.binary(max_size=200))
+def test_fuzz_special_and_big_files(tmp_path, kind, data):
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    path = directory / "config.yaml"
+    if kind == "bytes":
+        path.write_bytes(data)
+    elif kind == "oversized":
+        path.write_bytes(data * (config.MAX_FILE_BYTES // max(1, len(data))) + b"x" * (config.MAX_FILE_BYTES + 1))
+    elif kind == "dangling":
+        path.symlink_to(directory / "absent")
+    elif kind == "loop":
+        path.symlink_to(path)
+    else:
+        path = special_file(directory, kind)
+    with within(10):
+        try:
+            cfg = config.load(path)
+        except config.ConfigError as err:
+            assert err.messages and all(m.startswith(f"{path}: ") and "\n" not in m for m in err.messages)
+        else:
+            assert kind == "bytes" and isinstance(cfg, model.Config)
