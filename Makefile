@@ -9,7 +9,7 @@ KERNELS ?= 6.1 6.12
 
 .PHONY: check setup venv kernels test test-unit test-kernel demo smoke-demo clean
 
-check: setup lint-ansible test test-package
+check: setup lint-ansible test-collection test test-package
 
 setup: venv kernels
 
@@ -18,7 +18,7 @@ $(VENV)/.done: pyproject.toml
 	$(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e . --no-deps
-	$(PY) -m pip install -q pytest hypothesis virtme-ng
+	$(PY) -m pip install -q pytest hypothesis virtme-ng jinja2
 	touch $@
 
 venv: $(VENV)/.done
@@ -73,7 +73,7 @@ test-package: apt-repo venv
 # --- Ansible role and Molecule. The tools live in their own venv
 # (.cache/ansible-venv, pinned in molecule/requirements.txt), not in .venv: .venv is built
 # on the distro's Python packages for the daemon's tests.
-.PHONY: ansible-venv lint-ansible test-molecule
+.PHONY: ansible-venv lint-ansible test-collection collection-install test-molecule
 ANSIBLE_VENV ?= .cache/ansible-venv
 ANSIBLE_BIN := $(abspath $(ANSIBLE_VENV))/bin
 MOLECULE_SCENARIOS ?= kernel-6.1 kernel-6.12
@@ -88,13 +88,26 @@ $(ANSIBLE_VENV)/.done: molecule/requirements.txt | $(VENV)/.done
 ansible-venv: $(ANSIBLE_VENV)/.done
 
 lint-ansible: ansible-venv
-	PATH=$(ANSIBLE_BIN):$$PATH ansible-lint --profile production ansible/roles/ipvslb site.yml inventories molecule
+	PATH=$(ANSIBLE_BIN):$$PATH ansible-lint --profile production ansible/roles/ipvslb ansible/playbooks \
+	  ansible/galaxy.yml ansible/meta site.yml inventories molecule
+
+# The collection (ansible/galaxy.yml): built, installed into an empty collections path and
+# its playbook run from there (syntax, check mode on this host as a fresh one, key pinning).
+# gpg and python3-apt come from build-deps.
+test-collection: ansible-venv build-deps
+	PATH=$(ANSIBLE_BIN):$$PATH ./ansible/tests/collection-test
 
 # The whole Molecule suite: one scenario after the other, each VM holding the test bed's VM
 # lock from create to destroy (17-18 minutes per kernel here under TCG). Not part of
 # `make check`: it would add over half an hour of VMs to CI (docs/benchmarks.md).
 # `MOLECULE_SCENARIOS=kernel-6.1` for one.
-test-molecule: ansible-venv venv apt-repo
+# The collection as `ansible-galaxy collection install` puts it, for Molecule's converge.
+collection-install: ansible-venv
+	rm -rf .cache/collection-build .cache/collections/ansible_collections/ipvslb/ipvslb
+	$(ANSIBLE_BIN)/ansible-galaxy collection build ansible --output-path .cache/collection-build
+	$(ANSIBLE_BIN)/ansible-galaxy collection install .cache/collection-build/ipvslb-ipvslb-*.tar.gz -p .cache/collections
+
+test-molecule: ansible-venv venv apt-repo collection-install
 	for s in $(MOLECULE_SCENARIOS); do \
 	  start=$$(date +%s); \
 	  PATH=$(ANSIBLE_BIN):$$PATH molecule test -s $$s || { echo "molecule $$s: FAILED after $$(( $$(date +%s) - start )) s"; exit 1; }; \

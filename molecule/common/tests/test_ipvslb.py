@@ -234,8 +234,9 @@ def test_changed_inventory_reloads_without_restart(host, tmp_path):
                          env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
     print(run.stdout[-6000:], run.stderr[-3000:])
     assert run.returncode == 0
-    assert re.search(r"RUNNING HANDLER \[ipvslb : Reload ipvslb\]", run.stdout)
-    assert re.search(r"changed: \[[^\]]+\]", run.stdout.split("TASK [ipvslb : Configure | Render the configuration]")[1])
+    assert re.search(r"RUNNING HANDLER \[ipvslb\.ipvslb\.ipvslb : Reload ipvslb\]", run.stdout)
+    assert re.search(r"changed: \[[^\]]+\]",
+                     run.stdout.split("TASK [ipvslb.ipvslb.ipvslb : Configure | Render the configuration]")[1])
 
     expected = expected_services(variables)
     assert yaml.safe_load(host.file(CONFIG).content_string)["services"] == expected
