@@ -87,8 +87,10 @@ $(ANSIBLE_VENV)/.done: molecule/requirements.txt | $(VENV)/.done
 
 ansible-venv: $(ANSIBLE_VENV)/.done
 
-lint-ansible: ansible-venv
-	PATH=$(ANSIBLE_BIN):$$PATH ansible-lint --profile production ansible/roles/ipvslb ansible/playbooks \
+# The Molecule converge names the role ipvslb.ipvslb.ipvslb: the installed collection.
+lint-ansible: ansible-venv collection-install
+	PATH=$(ANSIBLE_BIN):$$PATH ANSIBLE_COLLECTIONS_PATH=$(abspath .cache/collections) \
+	  ansible-lint --profile production ansible/roles/ipvslb ansible/playbooks \
 	  ansible/galaxy.yml ansible/meta site.yml inventories molecule
 
 # The collection (ansible/galaxy.yml): built, installed into an empty collections path and
