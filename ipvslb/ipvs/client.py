@@ -27,8 +27,9 @@ BATCH_MESSAGES = 256
 BATCH_BYTES = 64 << 10
 RECV_BYTES = 256 << 10
 # The kernel answers within the send call; silence this long means something is broken,
-# and a daemon must not hang on it.
-REPLY_TIMEOUT = 30.0
+# and a daemon must not hang on it. Well under the packaged unit's WatchdogSec= (30 s): a
+# lost reply is an error the daemon logs and survives, not a watchdog kill.
+REPLY_TIMEOUT = 5.0
 
 _COMMANDS = {
     "add-service": messages.CMD_NEW_SERVICE,
@@ -243,7 +244,10 @@ class IPVS:
                 raise IPVSError(err.errno, "IPVS replies were lost (receive buffer overrun); "
                                 "the outcome of the last batch is unknown") from err
             raise
-        return list(codec.split(self._buf, length))
+        try:
+            return list(codec.split(self._buf, length))
+        except codec.MalformedReply as err:
+            raise _malformed(err) from err
 
     def _dump(self, cmd: int, attrs: bytes, parse: Callable) -> list:
         seq = next(self._seq)
@@ -258,7 +262,10 @@ class IPVS:
                 if kind == codec.NLMSG_ERROR:
                     code = codec.error_code(self._buf, payload)
                     raise IPVSError(code, f"IPVS dump (command {cmd}) failed: {errno.errorcode.get(code, code)}")
-                out.append(parse(self._buf, payload, end))
+                try:
+                    out.append(parse(self._buf, payload, end))
+                except codec.MalformedReply as err:
+                    raise _malformed(err) from err
 
     def _control(self, cmd: int, reply_class, attrs=()):
         """A request through pyroute2's message classes; returns the decoded reply, or
@@ -284,4 +291,11 @@ class IPVS:
                         raise IPVSError(code, f"IPVS command {cmd} failed: {errno.errorcode.get(code, code)}")
                     return reply
                 reply = reply_class(bytes(self._buf[payload - codec.NLMSG_HEADER_SIZE:end]))
-                reply.decode()
+                try:
+                    reply.decode()
+                except Exception as err:  # pyroute2 raises whatever its struct calls raise
+                    raise _malformed(err) from err
+
+
+def _malformed(err: Exception) -> IPVSError:
+    return IPVSError(errno.EBADMSG, f"malformed IPVS reply: {err}")

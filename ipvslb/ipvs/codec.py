@@ -6,6 +6,10 @@ costs about 1.4 ms per message in the test VM (ipvsadm restores a whole table of
 rules in 4.4 s), so this module packs and unpacks the bytes itself. The layout follows
 `messages`, from which it takes every attribute number; tests/unit/test_ipvs_codec.py
 checks both directions against pyroute2's reading of the same schema.
+
+Replies are checked as they are read: a length that runs past its container, an attribute
+shorter than its header or its value, a required attribute missing: `MalformedReply`, never
+a loop or a value read from the neighbouring bytes (the fuzz test feeds random bytes).
 """
 from __future__ import annotations
 
@@ -62,6 +66,10 @@ _FLAGS = struct.Struct("=II")       # struct ip_vs_flags
 NLMSG_HEADER_SIZE = _HEADER.size
 HEADER_SIZE = _HEADER.size + _GENL.size
 _MAX_ATTR = 16  # above every service, destination and stats attribute
+
+
+class MalformedReply(ValueError):
+    """Bytes that are not a well-formed IPVS reply: truncated, or an attribute too short."""
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -127,8 +135,10 @@ def split(buf, length: int) -> Iterator[tuple[int, int, int, int]]:
     off = 0
     while off + _HEADER.size <= length:
         size, kind, _, seq, _ = _HEADER.unpack_from(buf, off)
-        if size < _HEADER.size:
-            raise ValueError(f"netlink message of length {size}")
+        if size < _HEADER.size or off + size > length:
+            raise MalformedReply(f"netlink message of length {size} at offset {off} of {length}")
+        if kind == NLMSG_ERROR and size < _HEADER.size + _I32.size:
+            raise MalformedReply(f"netlink error message of length {size} at offset {off}")
         yield kind, seq, off + _HEADER.size, off + size
         off += (size + 3) & ~3
 
@@ -138,19 +148,29 @@ def error_code(buf, payload: int) -> int:
     return -_I32.unpack_from(buf, payload)[0]
 
 
-def _attrs(buf, off: int, end: int) -> list[int]:
-    """Payload offset of each attribute type in [off, end); -1 where absent."""
+def _attrs(buf, off: int, end: int) -> tuple[list[int], list[int]]:
+    """Payload offset and length of each attribute type in [off, end); -1 and 0 where
+    absent."""
     where = [-1] * _MAX_ATTR
+    sizes = [0] * _MAX_ATTR
     unpack = _NLA.unpack_from
     while off + 4 <= end:
         size, kind = unpack(buf, off)
-        if size < 4:
-            break
+        if size < 4 or off + size > end:
+            raise MalformedReply(f"attribute of length {size} at offset {off}, {end - off} bytes left")
         kind &= NLA_TYPE_MASK
         if kind < _MAX_ATTR:
             where[kind] = off + 4
+            sizes[kind] = size - 4
         off += (size + 3) & ~3
-    return where
+    return where, sizes
+
+
+def _require(sizes: list[int], needed: tuple[tuple[int, int], ...], what: str) -> None:
+    """Each (attribute, bytes) of `needed` is present with at least that many bytes."""
+    for kind, least in needed:
+        if sizes[kind] < least:
+            raise MalformedReply(f"{what} attribute {kind}: {sizes[kind]} bytes, at least {least} expected")
 
 
 def _nest(buf, payload: int, end: int, kind: int) -> tuple[int, int]:
@@ -158,65 +178,89 @@ def _nest(buf, payload: int, end: int, kind: int) -> tuple[int, int]:
     off = payload + _GENL.size
     while off + 4 <= end:
         size, found = _NLA.unpack_from(buf, off)
+        if size < 4 or off + size > end:
+            raise MalformedReply(f"attribute of length {size} at offset {off}, {end - off} bytes left")
         if found & NLA_TYPE_MASK == kind:
             return off + 4, off + size
         off += (size + 3) & ~3
-    raise ValueError(f"IPVS message without attribute {kind}")
+    raise MalformedReply(f"IPVS message without attribute {kind}")
 
 
 def _stats(buf, at: int, end_of: int, wide: bool) -> Stats:
-    where = _attrs(buf, at, end_of)
+    where, sizes = _attrs(buf, at, end_of)
     values = []
     for index, kind in enumerate(STATS_ATTRS):
         pos = where[kind]
         if pos < 0:
             values.append(0)
-        elif wide or index in (3, 4):  # inbytes, outbytes are 64-bit in both nests
-            values.append(_U64.unpack_from(buf, pos)[0])
-        else:
-            values.append(_U32.unpack_from(buf, pos)[0])
+            continue
+        field = _U64 if wide or index in (3, 4) else _U32  # inbytes, outbytes are 64-bit in both nests
+        if sizes[kind] < field.size:
+            raise MalformedReply(f"stats attribute {kind}: {sizes[kind]} bytes, {field.size} expected")
+        values.append(field.unpack_from(buf, pos)[0])
     return Stats(*values)
 
 
-def _stats_of(buf, where: list[int], narrow: int, wide: int) -> Stats:
+def _stats_of(buf, where: list[int], sizes: list[int], narrow: int, wide: int) -> Stats:
     """STATS64 when the kernel sends it (Linux >= 4.1), else the 32-bit STATS."""
     for kind, is_wide in ((wide, True), (narrow, False)):
         at = where[kind]
         if at >= 0:
-            return _stats(buf, at, at - 4 + _U16.unpack_from(buf, at - 4)[0], is_wide)
+            return _stats(buf, at, at + sizes[kind], is_wide)
     return Stats(*([0] * len(Stats._fields)))
+
+
+# What a reply must hold, in bytes per attribute; the address's width depends on the family.
+_SERVICE_NEEDS = ((SVC_AF, 2), (SVC_SCHED_NAME, 1), (SVC_FLAGS, _FLAGS.size), (SVC_TIMEOUT, 4), (SVC_NETMASK, 4))
+_SERVICE_ID_NEEDS = ((SVC_PROTOCOL, 2), (SVC_PORT, 2))
+_DEST_NEEDS = ((DEST_PORT, 2), (DEST_FWD_METHOD, 4), (DEST_WEIGHT, 4), (DEST_U_THRESH, 4), (DEST_L_THRESH, 4))
+_DEST_STATS_NEEDS = ((DEST_ACTIVE_CONNS, 4), (DEST_INACT_CONNS, 4), (DEST_PERSIST_CONNS, 4))
+
+
+def _width(af: int) -> int:
+    return 4 if af == AF_INET else 16
 
 
 def parse_service(buf, payload: int, end: int, stats: bool = False) -> KernelService:
     off, nest_end = _nest(buf, payload, end, CMD_ATTR_SERVICE)
-    a = _attrs(buf, off, nest_end)
+    a, sizes = _attrs(buf, off, nest_end)
+    _require(sizes, _SERVICE_NEEDS, "service")
     af = _U16.unpack_from(buf, a[SVC_AF])[0]
-    width = 4 if af == AF_INET else 16
+    width = _width(af)
+    if a[SVC_FWMARK] >= 0:
+        _require(sizes, ((SVC_FWMARK, 4),), "service")
     fwmark = _U32.unpack_from(buf, a[SVC_FWMARK])[0] if a[SVC_FWMARK] >= 0 else 0
     if fwmark:
         protocol, vip, port = "tcp", bytes(width), 0
     else:
+        _require(sizes, (*_SERVICE_ID_NEEDS, (SVC_ADDR, width)), "service")
         number = _U16.unpack_from(buf, a[SVC_PROTOCOL])[0]
         protocol = PROTOCOL_NAMES.get(number, str(number))
         vip = bytes(buf[a[SVC_ADDR]:a[SVC_ADDR] + width])
         port = _BE16.unpack_from(buf, a[SVC_PORT])[0]
     sched_at = a[SVC_SCHED_NAME]
-    scheduler = bytes(buf[sched_at:sched_at - 4 + _U16.unpack_from(buf, sched_at - 4)[0]]).rstrip(b"\0").decode()
+    try:
+        scheduler = bytes(buf[sched_at:sched_at + sizes[SVC_SCHED_NAME]]).rstrip(b"\0").decode()
+    except UnicodeDecodeError as err:
+        raise MalformedReply(f"scheduler name not text: {err}") from None
     spec = ServiceSpec(protocol, vip, port, scheduler,
                        _U32.unpack_from(buf, a[SVC_FLAGS])[0] & SVC_F_MANAGED,
                        _U32.unpack_from(buf, a[SVC_TIMEOUT])[0],
                        _U32.unpack_from(buf, a[SVC_NETMASK])[0],
                        fwmark)
-    return KernelService(spec, _stats_of(buf, a, SVC_STATS, SVC_STATS64) if stats else None)
+    return KernelService(spec, _stats_of(buf, a, sizes, SVC_STATS, SVC_STATS64) if stats else None)
 
 
 def parse_dest(buf, payload: int, end: int, service_family: int, stats: bool = False) -> KernelDest:
     off, nest_end = _nest(buf, payload, end, CMD_ATTR_DEST)
-    a = _attrs(buf, off, nest_end)
+    a, sizes = _attrs(buf, off, nest_end)
+    if a[DEST_ADDR_FAMILY] >= 0:
+        _require(sizes, ((DEST_ADDR_FAMILY, 2),), "destination")
     af = _U16.unpack_from(buf, a[DEST_ADDR_FAMILY])[0] if a[DEST_ADDR_FAMILY] >= 0 else service_family
+    _require(sizes, (*_DEST_NEEDS, (DEST_ADDR, _width(af))), "destination")
     at = a[DEST_ADDR]
     u32 = _U32.unpack_from
-    spec = DestSpec(bytes(buf[at:at + (4 if af == AF_INET else 16)]),
+    spec = DestSpec(bytes(buf[at:at + _width(af)]),
                     _BE16.unpack_from(buf, a[DEST_PORT])[0],
                     u32(buf, a[DEST_FWD_METHOD])[0] & CONN_F_FWD_MASK,
                     u32(buf, a[DEST_WEIGHT])[0],
@@ -224,5 +268,6 @@ def parse_dest(buf, payload: int, end: int, service_family: int, stats: bool = F
                     u32(buf, a[DEST_L_THRESH])[0])
     if not stats:
         return KernelDest(spec)
+    _require(sizes, _DEST_STATS_NEEDS, "destination")
     return KernelDest(spec, u32(buf, a[DEST_ACTIVE_CONNS])[0], u32(buf, a[DEST_INACT_CONNS])[0],
-                      u32(buf, a[DEST_PERSIST_CONNS])[0], _stats_of(buf, a, DEST_STATS, DEST_STATS64))
+                      u32(buf, a[DEST_PERSIST_CONNS])[0], _stats_of(buf, a, sizes, DEST_STATS, DEST_STATS64))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
+import struct
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +89,55 @@ def test_lost_replies_are_an_error_not_a_hang(kernel):
 
     with pytest.raises(IPVSError, match="lost"):
         IPVS(sock=Overrun(), family=FAMILY).add_service(WEB)
+
+
+def test_a_malformed_dump_reply_is_an_error_not_a_hang(ipvs, kernel):
+    ipvs.add_service(WEB)
+
+    class Garbled(FakeKernel):
+        """Answers a dump with a service whose nest holds a zero-length attribute."""
+
+        def __init__(self):
+            super().__init__()
+            self.sent = 0
+
+        def send(self, data):
+            seq = struct.unpack_from("=I", data, 8)[0]
+            genl = struct.pack("=BBH", messages.CMD_NEW_SERVICE, 1, 0)
+            nest = struct.pack("=HH", 8, 1) + struct.pack("=HH", 0, 1)  # a nest holding a 0-length attribute
+            body = genl + nest
+            self.replies.append(struct.pack("=IHHII", 16 + len(body), FAMILY, 2, seq, 0) + body)
+            return len(data)
+
+    with pytest.raises(IPVSError) as err:
+        IPVS(sock=Garbled(), family=FAMILY).services()
+    assert err.value.errno == errno.EBADMSG and "malformed IPVS reply" in str(err.value)
+
+
+def test_a_truncated_reply_is_an_error(kernel):
+    class Truncated(FakeKernel):
+        def recv_into(self, buf):
+            n = super().recv_into(buf)
+            return n - 4
+
+    with pytest.raises(IPVSError) as err:
+        IPVS(sock=Truncated(), family=FAMILY).add_service(WEB)
+    assert err.value.errno == errno.EBADMSG
+
+
+def test_a_silent_kernel_is_an_error_well_before_the_watchdog():
+    unit = (Path(__file__).resolve().parents[2] / "packaging/ipvslb.service").read_text()
+    watchdog = float(re.search(r"^WatchdogSec=(\d+)s$", unit, re.M).group(1))
+    # A reply wait plus the verify that follows must fit in one watchdog period many times over.
+    assert client_module.REPLY_TIMEOUT * 4 <= watchdog
+
+    class Silent(FakeKernel):
+        def recv_into(self, buf):
+            raise TimeoutError("timed out")
+
+    with pytest.raises(IPVSError) as err:
+        IPVS(sock=Silent(), family=FAMILY).services()
+    assert err.value.errno == errno.ETIMEDOUT and f"in {client_module.REPLY_TIMEOUT:.0f} s" in str(err.value)
 
 
 def test_commands_are_numbered_as_in_ip_vs_h():

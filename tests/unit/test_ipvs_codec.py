@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipvslb.ipvs import codec, messages
 from ipvslb.ipvs.specs import DestSpec, ServiceSpec, Stats
@@ -120,3 +123,139 @@ def test_set_flags_changes_only_the_flags():
     acked = codec.set_flags(msg, codec.NLM_F_REQUEST | codec.NLM_F_ACK)
     assert struct.unpack_from("=IHHII", acked) == (len(msg), 0x1F, 5, 9, 0)
     assert acked[16:] == msg[16:] and codec.seq_of(acked) == 9
+
+
+# --- malformed replies: an error, never a loop or a value read from the wrong bytes ------
+
+def service_reply() -> bytes:
+    return kernel_reply("IPVS_CMD_ATTR_SERVICE", [
+        ["IPVS_SVC_ATTR_AF", 2], ["IPVS_SVC_ATTR_PROTOCOL", 6], ["IPVS_SVC_ATTR_ADDR", V4_SERVICE.vip + bytes(12)],
+        ["IPVS_SVC_ATTR_PORT", 80], ["IPVS_SVC_ATTR_SCHED_NAME", "wlc"],
+        ["IPVS_SVC_ATTR_FLAGS", {"flags": 0, "mask": 0xFFFFFFFF}], ["IPVS_SVC_ATTR_TIMEOUT", 0],
+        ["IPVS_SVC_ATTR_NETMASK", 0xFFFFFFFF], ["IPVS_SVC_ATTR_STATS64", {"attrs": STATS64}]])
+
+
+def dest_reply() -> bytes:
+    return kernel_reply("IPVS_CMD_ATTR_DEST", [
+        ["IPVS_DEST_ATTR_ADDR", ip("10.77.1.2").packed + bytes(12)], ["IPVS_DEST_ATTR_PORT", 8080],
+        ["IPVS_DEST_ATTR_FWD_METHOD", 0], ["IPVS_DEST_ATTR_WEIGHT", 4], ["IPVS_DEST_ATTR_U_THRESH", 0],
+        ["IPVS_DEST_ATTR_L_THRESH", 0], ["IPVS_DEST_ATTR_ACTIVE_CONNS", 3], ["IPVS_DEST_ATTR_INACT_CONNS", 2],
+        ["IPVS_DEST_ATTR_PERSIST_CONNS", 1], ["IPVS_DEST_ATTR_ADDR_FAMILY", 2],
+        ["IPVS_DEST_ATTR_STATS", {"attrs": STATS32}]])
+
+
+def parse_all(data: bytes, length: int | None = None) -> list:
+    """Everything the client would do with a received datagram; what parses, parsed."""
+    out = []
+    for kind, _, payload, end in codec.split(data, len(data) if length is None else length):
+        if kind == codec.NLMSG_ERROR:
+            out.append(codec.error_code(data, payload))
+            continue
+        for parse in (lambda: codec.parse_service(data, payload, end, stats=True),
+                      lambda: codec.parse_dest(data, payload, end, 2, stats=True)):
+            try:
+                out.append(parse())
+            except codec.MalformedReply:
+                pass
+    return out
+
+
+def with_zero_length_attribute(data: bytes, at: int) -> bytes:
+    """`data` with a 4-byte attribute header of length 0 inserted at offset `at`."""
+    patched = data[:at] + struct.pack("=HH", 0, 1) + data[at:]
+    return struct.pack("=I", len(patched)) + patched[4:]
+
+
+def test_reference_replies_parse():
+    assert codec.parse_service(service_reply(), 16, len(service_reply()), stats=True).spec == V4_SERVICE
+    assert codec.parse_dest(dest_reply(), 16, len(dest_reply()), 2, stats=True).spec.weight == 4
+
+
+def test_a_zero_length_attribute_before_the_nest_is_an_error_not_a_loop():
+    data = with_zero_length_attribute(service_reply(), 20)  # first attribute after the genl header
+    with pytest.raises(codec.MalformedReply, match="attribute of length 0"):
+        codec.parse_service(data, 16, len(data))
+
+
+def test_a_zero_length_attribute_inside_the_nest_is_an_error():
+    data = dest_reply()
+    data = with_zero_length_attribute(data, 24)  # first attribute inside the dest nest
+    data = data[:20] + struct.pack("=H", struct.unpack_from("=H", data, 20)[0] + 4) + data[22:]  # nest grows
+    with pytest.raises(codec.MalformedReply, match="attribute of length 0"):
+        codec.parse_dest(data, 16, len(data), 2)
+
+
+def test_an_attribute_running_past_its_nest_is_an_error():
+    data = bytearray(dest_reply())
+    struct.pack_into("=H", data, 24, 0xFFF0)  # the first dest attribute claims 64 KiB
+    with pytest.raises(codec.MalformedReply, match="bytes left"):
+        codec.parse_dest(bytes(data), 16, len(data), 2)
+
+
+def test_a_truncated_message_is_an_error():
+    data = service_reply()
+    with pytest.raises(codec.MalformedReply, match="netlink message of length"):
+        list(codec.split(data, len(data) - 8))
+    short_error = struct.pack("=IHHII", 16, codec.NLMSG_ERROR, 0, 1, 0)
+    with pytest.raises(codec.MalformedReply, match="error message"):
+        list(codec.split(short_error, 16))
+
+
+@pytest.mark.parametrize("name", ["IPVS_DEST_ATTR_WEIGHT", "IPVS_DEST_ATTR_PORT", "IPVS_DEST_ATTR_ADDR"])
+def test_a_missing_or_short_required_attribute_is_an_error(name):
+    attrs = [a for a in [["IPVS_DEST_ATTR_ADDR", ip("10.77.1.2").packed], ["IPVS_DEST_ATTR_PORT", 8080],
+                         ["IPVS_DEST_ATTR_FWD_METHOD", 0], ["IPVS_DEST_ATTR_WEIGHT", 4],
+                         ["IPVS_DEST_ATTR_U_THRESH", 0], ["IPVS_DEST_ATTR_L_THRESH", 0]] if a[0] != name]
+    data = kernel_reply("IPVS_CMD_ATTR_DEST", attrs)
+    with pytest.raises(codec.MalformedReply, match="destination attribute"):
+        codec.parse_dest(data, 16, len(data), 2)
+    # An IPv6 family with a 4-byte address: too short, not read from the next attribute.
+    data = kernel_reply("IPVS_CMD_ATTR_DEST", [["IPVS_DEST_ATTR_ADDR", ip("10.77.1.2").packed],
+                                               *attrs[1:], ["IPVS_DEST_ATTR_ADDR_FAMILY", 10]])
+    with pytest.raises(codec.MalformedReply):
+        codec.parse_dest(data, 16, len(data), 10)
+
+
+def test_a_short_stats_counter_is_an_error():
+    data = bytearray(service_reply())
+    where = data.index(struct.pack("=HH", 12, messages.attr_numbers(messages.STATS_MAP)["IPVS_STATS_ATTR_CONNS"]))
+    struct.pack_into("=H", data, where, 6)  # a u64 counter of 2 bytes
+    with pytest.raises(codec.MalformedReply):
+        codec.parse_service(bytes(data), 16, len(data), stats=True)
+
+
+# --- fuzz: random and mutated bytes give a result or MalformedReply, fast -----------------
+
+def bounded(data: bytes, length: int | None = None) -> None:
+    started = time.monotonic()
+    try:
+        parse_all(data, length)
+    except codec.MalformedReply:
+        pass
+    assert time.monotonic() - started < 0.5
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=600))
+def test_fuzz_random_bytes(data):
+    bounded(data)
+
+
+VALID = [service_reply(), dest_reply(), service_reply() + dest_reply(),
+         struct.pack("=IHHII", 36, codec.NLMSG_ERROR, 0, 6, 0) + struct.pack("=i", -17) + bytes(16)]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 400), st.binary(min_size=1, max_size=4)),
+                                        max_size=6), st.integers(0, 400) | st.none())
+def test_fuzz_mutated_replies(reply, edits, cut):
+    """Valid replies with bytes overwritten (lengths, types, values) and truncated: the
+    edits hit the length fields far more often than random bytes would."""
+    data = bytearray(reply)
+    for at, patch in edits:
+        at %= len(data)
+        data[at:at + len(patch)] = patch[:len(data) - at]
+    if cut is not None:
+        data = data[:cut % (len(data) + 1)]
+    bounded(bytes(data))
+    bounded(bytes(data) + bytes(64), len(data))  # stale bytes after the datagram are not read
