@@ -73,11 +73,15 @@ def _status(args: argparse.Namespace) -> int:
 
     try:
         doc = status.fetch(args.socket)
+        text = json.dumps(doc, indent=2) if args.json else status.render(doc)
     except OSError as err:
         print(f"ipvslb: cannot reach the daemon at {args.socket}: {err.strerror or err}. Is `ipvslb run` running?",
               file=sys.stderr)
         return 1
-    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    except status.StatusError as err:
+        print(f"ipvslb: malformed answer on {args.socket}: {err}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

@@ -6,15 +6,55 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+# An answer larger than this is not from ipvslb (a daemon with 10 000 backends sends a few MB).
+MAX_ANSWER_BYTES = 64 << 20
+
+
+class SocketPathTaken(Exception):
+    """Something other than a stale ipvslb socket is at the status socket path."""
+
+
+class StatusError(ValueError):
+    """The answer on the status socket is not a status document."""
+
+
+def path_problem(path: str) -> str | None:
+    """Why the status server could not take `path`, or None. Only a socket nobody answers
+    on (left by a daemon that died) may be replaced: a regular file there is someone's data,
+    and a socket that answers belongs to a running daemon."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"status socket {path}: {err.strerror or err}"
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "a file"
+        return (f"status socket {path}: {kind} that is not a socket is at that path; "
+                "remove it or set settings.status_socket to another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return None  # stale: nobody listens
+    return (f"status socket {path}: another process answers on it (a second `ipvslb run`?); "
+            "stop it or set settings.status_socket to another path")
+
 
 async def serve(path: str, snapshot: Callable[[], dict]) -> asyncio.AbstractServer:
+    """Raises SocketPathTaken (see path_problem) or OSError when the path cannot be used."""
     sock_path = Path(path)
     sock_path.parent.mkdir(parents=True, exist_ok=True)
-    if sock_path.exists() or sock_path.is_symlink():
+    problem = path_problem(path)
+    if problem:
+        raise SocketPathTaken(problem)
+    if sock_path.is_socket():
         sock_path.unlink()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -33,13 +73,29 @@ async def serve(path: str, snapshot: Callable[[], dict]) -> asyncio.AbstractServ
 
 
 def fetch(path: str, timeout: float = 5.0) -> dict:
+    """The daemon's status document. OSError when it cannot be reached, StatusError when
+    what answers is not an ipvslb status socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        chunks = []
+        chunks, size = [], 0
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise StatusError(f"answer longer than {MAX_ANSWER_BYTES >> 20} MiB")
+    data = b"".join(chunks)
+    if not data:
+        raise StatusError("connection closed without an answer")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise StatusError(f"not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start}") from None
+    except ValueError as err:  # JSONDecodeError, or a number too long to convert
+        raise StatusError(f"not JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise StatusError(f"not a status document: a JSON {type(doc).__name__}")
+    return doc
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -54,7 +110,15 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def render(doc: dict) -> str:
-    """The human table: one block per service, one row per backend."""
+    """The human table: one block per service, one row per backend. StatusError when the
+    document lacks what the table needs (a daemon of another version, or not ipvslb)."""
+    try:
+        return _render(doc)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise StatusError(f"not a status document: {type(err).__name__} {err}") from None
+
+
+def _render(doc: dict) -> str:
     now = doc.get("now", time.monotonic())
     lines = [f"ipvslb {doc.get('version', '?')} pid {doc.get('pid', '?')}, attribution: "
              f"{doc.get('attribution', '?')}, lost tracer records: {doc.get('lost_records', 0)}, "
