@@ -358,6 +358,19 @@ def _fraction() -> _Field:
     return _number(above=0, at_most=1)
 
 
+def _removed(why: str) -> _Field:
+    """A key that no longer exists: refused with the reason, so a configuration that relies
+    on it is not silently run without it. Absent, it adds nothing to the model."""
+    def check(value: Any, path: str, report: _Report) -> Any:
+        report.error(path, f"removed: {why}", "the key deleted")
+        return _INVALID
+    return _Field(check, "the key deleted", default=dataclasses.MISSING)
+
+
+_CORRELATED_REMOVED = ("quarantines freeze on this host's own evidence (probes to every backend failing "
+                       "together, or a probe failing on this host), see docs/health.md")
+
+
 def _boolean() -> _Field:
     def convert(value: Any) -> bool:
         if type(value) is not bool:
@@ -563,8 +576,8 @@ _HEALTH = {
     "connect_history_min": _integer(1),
     "failure_threshold": _integer(1),
     "max_quarantined": _integer(0, nullable=True),
-    "correlated_fraction": _fraction(),
-    "correlated_window": _duration(),
+    "correlated_fraction": _removed(_CORRELATED_REMOVED),
+    "correlated_window": _removed(_CORRELATED_REMOVED),
     "quarantine_weight": _integer(0, 65535),
     "probe_backoff_initial": _duration(),
     "probe_backoff_factor": _number(at_least=1),

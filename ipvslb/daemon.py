@@ -37,6 +37,10 @@ class ReconcileStats:
     last_seconds: float = 0.0
 
 
+def probe_result(backend: tuple, outcome: probe.ProbeOutcome, now: float) -> health.ProbeResult:
+    return health.ProbeResult(backend, outcome.ok, now, outcome.detail, local=outcome.local, refused=outcome.refused)
+
+
 class Daemon:
     def __init__(self, config_path: str, cfg: Config, rng: random.Random | None = None):
         self.config_path = config_path
@@ -242,7 +246,7 @@ class Daemon:
         for backend, outcome in answered:
             # After this batch's other actions, which the engine decided before the answer.
             now = time.monotonic()
-            self._act(svc, svc.feed(health.ProbeResult(backend, outcome.ok, now, outcome.detail), now), lines)
+            self._act(svc, svc.feed(probe_result(backend, outcome, now), now), lines)
         if lines and emit:
             try:
                 # After the probes just created have sent their SYN (call_soon runs in order).
@@ -281,7 +285,7 @@ class Daemon:
         if self.health.get(svc.service.key) is not svc:
             return  # the service was reloaded away while the probe ran
         now = time.monotonic()
-        result = health.ProbeResult(backend, outcome.ok, now, outcome.detail)
+        result = probe_result(backend, outcome, now)
         self._act(svc, svc.feed(result, now))
         self._schedule_tick()
 

@@ -20,8 +20,9 @@ States of one backend (configured weight > 0)::
     disabled: configured weight 0 -- the engine never touches such a backend.
 
 Time bases: events carry `t`, the kernel's CLOCK_MONOTONIC timestamp of the evidence; it
-dates connects (deadlines) and failures (correlation window). `now` is the daemon's
-monotonic clock at the call; it dates decisions (`since`, probe schedule, ramp).
+dates connects (deadlines), successes and failures. `now` is the daemon's monotonic clock
+(the same clock) at the call; it dates decisions (`since`, probe starts, schedule, ramp).
+Both meet in "usable now": a peer's success (kernel time) against a probe's start.
 
 Contract with the daemon:
 - Exactly one `ProbeResult` for each `StartProbe` (probe.probe always returns). A result
@@ -38,8 +39,8 @@ Decisions where health.md is silent:
 - One connection, one verdict: a connect counts at most one failure (the first of
   deadline / SYN retransmit / RST); later events of the same connect do not count again.
 - Once a backend's connect history is trusted (`connect_history_min` connects), its
-  adaptive deadline is the soft signal; a first SYN retransmit then counts only if that
-  deadline is at most the initial SYN timeout (1 s) -- a backend whose deadline is longer
+  adaptive deadline is the soft signal; a first SYN retransmit then raises suspicion only
+  if that deadline is at most the initial SYN timeout (1 s) -- a backend whose deadline is longer
   is known to be far away, so retransmits are normal for it.
 - History samples are the last `CONNECT_HISTORY_SIZE` connect times (p99 by nearest
   rank). The connect time is measured from the connect's start on *this* backend
@@ -50,11 +51,14 @@ Decisions where health.md is silent:
   as usual records: a blackhole is still caught by the next timed connect's deadline.
   Counts may arrive after records of later failures (the daemon reads them last): a
   success ends only a streak whose latest failure is not later than it.
-- A missed deadline never counts toward `failure_threshold`: it only raises suspicion and
-  the probe decides (health.md). Several connects in flight to a backend whose path just
-  got slower all miss the same old deadline before the first late SYN-ACK arrives; counting
-  them would quarantine a healthy backend. A blackholed backend is still out after one
-  deadline plus one probe timeout (2 x 200 ms by default).
+- Slow is not dead: a missed deadline and a first SYN retransmit never count toward
+  `failure_threshold`; they only raise suspicion and the probe decides (health.md).
+  Several connects in flight to a backend whose path just got slower all miss the same
+  old deadline (or see their retransmit) before the first late SYN-ACK arrives; counting
+  them would quarantine a healthy backend. Only RSTs (UDP: ICMP unreachables, reply
+  windows without a reply) and failed probes count. A blackholed backend is still out
+  after one deadline plus one probe timeout (2 x 200 ms by default); without history,
+  after its first SYN retransmit plus one probe.
 - Probe timeout: the adaptive deadline when trusted; otherwise
   max(1 s, floor, multiple x p99 of whatever connect times were seen).
 - `Established` while suspect resets the failure streak but does not clear suspicion:
@@ -65,14 +69,31 @@ Decisions where health.md is silent:
   became slower, not dead (its history still held the old connect times). It is probed
   again with a timeout of multiple x that connect time. A blackholed backend has no such
   success, so its quarantine is not delayed.
+- Guards (`_verdict`, the one place they are decided), for a confirmed failure: a failed
+  confirmation probe, `failure_threshold` failures, or a failure in probation.
+  Never the last backend in rotation; never beyond `max_quarantined` when set (opt-in, no
+  cap by default); nothing while frozen. A refusal (RST, refused probe, ICMP unreachable)
+  proves this host's path works: out while another backend is in rotation. A silent
+  failure (no answer) is out when a peer is *usable now*: in rotation, its latest life (a
+  client success, or the start of a probe that passed) at or after `since`, and no
+  failure (a local one included) after that life. `since` is when the failing evidence
+  began: the failing connect's start for the first probe, the probe's start for a re-probe.
+  With no peer known usable, peer checks decide: probes of the peers with no life and no
+  probe since `since`, at most MAX_PEER_CHECKS out per service, sent together with the
+  backend's own probe when its suspicion is silent. A passed peer check makes that peer
+  usable; a failed one is failure evidence against that peer (it becomes suspect, its own
+  probe decides).
+- Freeze (evidence that the problem is this host's): when a silent failure finds no usable
+  peer after every peer in rotation was checked, at least MIN_FREEZE_BACKENDS backends are
+  in rotation and none of their latest failures is a refusal (probes to every backend
+  unanswered together); or when a probe fails on this host (ProbeResult.local: no route,
+  a local firewall, no source address) and no peer is usable. A local failure is never
+  evidence against the backend: with a usable peer it is withheld ("no path from this
+  host") and re-probed with backoff. The freeze lifts at the first life after it began
+  (a client success or a passed probe); withheld backends are then re-probed at once.
 - A guard that blocks a quarantine leaves the backend `suspect` (in rotation) and says
   so once with `QuarantineWithheld`; it is re-probed with backoff and quarantined as soon
   as the guard allows and the probe still fails.
-- Correlated failure: at least 2 distinct backends *and* >= correlated_fraction of the
-  eligible ones failed within correlated_window. The freeze lasts until a window passes
-  in which that condition was not met again (not "no failure at all": one truly dead
-  backend must not keep the freeze on forever). On lifting, withheld backends are
-  re-probed at once.
 - Re-admission probes: the first after the backoff (jittered), then x factor after each
   failed probe, capped at probe_backoff_max (the cap also bounds the jittered delay).
   Between successful probes on the way to `rise`: probe_backoff_initial.
@@ -86,7 +107,7 @@ Decisions where health.md is silent:
 - Restart: observed 0 (or quarantine_weight) while configured > 0 -> quarantined with a
   probe due at once; 0 < observed < configured -> the interrupted slow start resumes from
   that fraction (with its probation); otherwise healthy. Guards apply: backends beyond
-  max_quarantined (or the last usable one) are released as suspect and probed.
+  max_quarantined (when set) or the last usable one are released as suspect and probed.
 - Reload keeps the state of backends whose (address, port) stays; new backends start
   healthy; guards are re-applied (removing healthy backends may release quarantined ones).
 - `enabled: false`: no evidence is judged and every backend gets its configured weight.
@@ -121,9 +142,12 @@ RAMP_STEP = 1.0
 PENDING_HORIZON = 140.0
 # Bound on tracked pending connects per service (oldest forgotten first).
 MAX_PENDING = 65536
-# Fewer distinct failing backends than this are never "correlated" (with 2 backends one
-# failure would otherwise be 50 %).
-MIN_CORRELATED_BACKENDS = 2
+# Peer checks a service may have out at once: enough to find a usable peer among the
+# first few, few enough that one failure never turns into a burst of probes.
+MAX_PEER_CHECKS = 3
+# "Probes to every backend failing together" needs at least this many backends in
+# rotation; with one, the last-usable guard decides alone.
+MIN_FREEZE_BACKENDS = 2
 
 
 class State(enum.StrEnum):
@@ -221,10 +245,16 @@ class UdpReplied:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
+    """The answer to one StartProbe. `refused`: the backend answered with a refusal, so
+    this host's path to it works. `local`: the probe failed on this host before reaching
+    the network (no route, a local firewall, no source address): no evidence against the
+    backend, only that this host cannot reach it now."""
     backend: BackendKey
     ok: bool
     t: float
     detail: str = ""
+    local: bool = False
+    refused: bool = False
 
 
 Evidence = (ConnectStarted | Established | Successes | ResetInSynSent | SynRetransmit | ClosedInSynSent
@@ -335,6 +365,23 @@ class _Pending:
     judged: bool = False  # a failure was already counted for this connect
 
 
+@dataclass(frozen=True, slots=True)
+class _Confirmed:
+    """A failure that calls for a quarantine, on its way to a verdict."""
+    evidence: str
+    since: float      # when the failing evidence began: a usable peer shows life after it
+    relapse: bool     # in probation: the backoff grows
+    answered: bool    # a refusal: this host's path to the backend works
+    local: bool = False  # the probe failed on this host: never a quarantine
+
+
+class _Verdict(enum.Enum):
+    QUARANTINE = "quarantine"
+    WAIT = "wait for peer checks"
+    WITHHOLD = "withhold"
+    FREEZE = "freeze"
+
+
 COUNTERS = ("successes", "hard_failures", "soft_failures", "quarantines", "probes_ok", "probes_failed",
             "client_closes_in_syn_sent")
 
@@ -366,6 +413,16 @@ class _Backend:
     last_evidence: str | None = None
     last_evidence_at: float | None = None
     last_success_at: float | None = None
+    # For the guards' "usable now": the latest life (a success, or the start of a probe that
+    # passed) and the latest failure of any kind (a local one too: a backend this host
+    # cannot reach is not usable now), with whether that failure was a refusal.
+    alive_at: float | None = None
+    failed_at: float | None = None
+    failed_answered: bool = False
+    failing_since: float = 0.0  # start of the evidence the current suspicion is about
+    probe_started_at: float | None = None
+    peer_check: bool = False  # the outstanding probe asks about life for another's verdict
+    awaiting: _Confirmed | None = None  # a confirmed failure waiting for peer checks
     counters: Counter = field(default_factory=lambda: Counter({name: 0 for name in COUNTERS}))
     transitions: Counter = field(default_factory=Counter)
 
@@ -408,9 +465,9 @@ class ServiceHealth:
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, seq, conn), lazily cleaned
         self._seq = itertools.count()
-        self._recent_failures: dict[BackendKey, float] = {}
         self._frozen = False
-        self._frozen_until = 0.0
+        self._frozen_at = 0.0
+        self._freeze_reason = ""
         # Nothing has been set yet: weights() carries the outcome to the daemon.
         self._enforce_guards(now)
 
@@ -446,8 +503,6 @@ class ServiceHealth:
                 candidates.append(b.next_ramp_step)
             if b.probation_until is not None:
                 candidates.append(b.probation_until)
-        if self._frozen:
-            candidates.append(self._frozen_until)
         return min(candidates, default=None)
 
     def snapshot(self) -> dict:
@@ -458,7 +513,7 @@ class ServiceHealth:
             "protocol": svc.protocol,
             "vip": format_endpoint((svc.vip, svc.port)),
             "frozen": self._frozen,
-            "frozen_until": self._frozen_until if self._frozen else None,
+            "freeze_reason": self._freeze_reason if self._frozen else None,
             "backends": [self._backend_snapshot(b) for b in self._backends.values()],
         }
 
@@ -470,17 +525,17 @@ class ServiceHealth:
         handler = self._HANDLERS.get(type(event))
         if handler is None:
             raise TypeError(f"not health evidence: {event!r}")
-        return handler(self, event, now)
+        actions = handler(self, event, now)
+        return actions + self._reconsider(now)
 
     def tick(self, now: float) -> list[Action]:
         if not self.settings.enabled:
             return []
         actions = self._expire_deadlines(now)
-        actions += self._maybe_lift_freeze(now)
         for b in self._backends.values():
             actions += self._run_timers(b, now)
         self._forget_stale_pending(now)
-        return actions
+        return actions + self._reconsider(now)
 
     def update_service(self, service: model.Service, now: float) -> list[Action]:
         """Reload of the same service (same protocol, VIP and port; another key is another
@@ -502,11 +557,10 @@ class ServiceHealth:
         self._backends = kept
         for conn in [c for c, p in self._pending.items() if p.backend not in kept]:
             del self._pending[conn]
-        self._recent_failures = {k: t for k, t in self._recent_failures.items() if k in kept}
         if not self.settings.enabled:
-            actions += self._stand_down(now)
+            return actions + self._stand_down(now)
         actions += self._enforce_guards(now)
-        return actions
+        return actions + self._reconsider(now)
 
     # -- timing derived from settings and history --
 
@@ -552,32 +606,118 @@ class ServiceHealth:
     def _eligible(self) -> list[_Backend]:
         return [b for b in self._backends.values() if b.config.weight > 0]
 
-    def _max_quarantined(self) -> int:
-        configured = self.settings.max_quarantined
-        if configured is not None:
-            return configured
-        n = len(self._eligible())
-        return n // 2 if n >= 2 else 0
+    @staticmethod
+    def _usable_now(o: _Backend, since: float) -> bool:
+        """In rotation and alive at or after `since`, with no failure after that life."""
+        return (o.in_rotation and o.alive_at is not None and o.alive_at >= since
+                and (o.failed_at is None or o.failed_at <= o.alive_at))
 
-    def _quarantine_blocker(self, b: _Backend) -> str | None:
-        if not any(o is not b and o.in_rotation for o in self._eligible()):
-            return "last usable backend"
-        limit = self._max_quarantined()
-        if sum(o.state in OUT_OF_ROTATION for o in self._eligible()) >= limit:
-            return f"max_quarantined ({limit}) already out"
+    @staticmethod
+    def _unchecked(o: _Backend, since: float) -> bool:
+        """No probe out, and none started since `since`: a peer check could tell more."""
+        return not o.probe_outstanding and (o.probe_started_at is None or o.probe_started_at < since)
+
+    def _verdict(self, b: _Backend, c: _Confirmed) -> tuple[_Verdict, str]:
+        """What a confirmed failure of `b` leads to, and why: the guards, all in one place.
+
+        A refusal proves this host's path to the backend works and that the backend serves
+        no one: it goes out while another backend is in rotation. A silent failure (no
+        answer) goes out when a peer is usable now; with none known, peer checks decide. If
+        every backend in rotation then failed silently, or a probe failed on this host, the
+        evidence points at this host: quarantines freeze."""
+        peers = [o for o in self._eligible() if o is not b and o.in_rotation]
         if self._frozen:
-            return "quarantines frozen by correlated failures"
-        return None
+            return _Verdict.WITHHOLD, "quarantines frozen"
+        if not peers:
+            return _Verdict.WITHHOLD, "last usable backend"
+        cap = self.settings.max_quarantined
+        if cap is not None and sum(o.state in OUT_OF_ROTATION for o in self._eligible()) >= cap:
+            return _Verdict.WITHHOLD, f"max_quarantined ({cap}) already out"
+        if c.answered:
+            return _Verdict.QUARANTINE, ""
+        if any(self._usable_now(o, c.since) for o in peers):
+            # Others serve, so this host has a path; a local error is about this backend's route.
+            return (_Verdict.WITHHOLD, "no path from this host") if c.local else (_Verdict.QUARANTINE, "")
+        if any(o.probe_outstanding or self._unchecked(o, c.since) for o in peers):
+            return _Verdict.WAIT, ""
+        if c.local:
+            return _Verdict.FREEZE, f"{format_endpoint(b.key)}: {c.evidence} on this host, and no backend is usable"
+        if len(peers) + 1 >= MIN_FREEZE_BACKENDS and not any(o.failed_answered for o in peers):
+            return _Verdict.FREEZE, f"probes to all {len(peers) + 1} backends in rotation went unanswered"
+        return _Verdict.QUARANTINE, ""  # the others refuse: the path works, they are failing too
+
+    def _try_quarantine(self, b: _Backend, now: float, c: _Confirmed) -> list[Action]:
+        verdict, reason = self._verdict(b, c)
+        waited, b.awaiting = b.awaiting, None
+        if verdict is _Verdict.QUARANTINE:
+            return self._quarantine(b, now, c.evidence, c.relapse)
+        if verdict is _Verdict.WAIT:
+            if b.state is State.HEALTHY:  # a streak on a healthy backend: its own probe decides
+                return self._suspect(b, now, f"{c.evidence}; no peer known usable: probing")
+            b.awaiting = c
+            if waited is None:
+                self._note(b, f"{c.evidence}; waiting for peer checks", now)
+            return self._start_peer_checks(b, c.since, now)
+        actions: list[Action] = []
+        if verdict is _Verdict.FREEZE:
+            actions += self._freeze(now, reason)
+            reason = "quarantines frozen"
+        return actions + self._withhold(b, now, c.evidence, reason)
+
+    def _withhold(self, b: _Backend, now: float, evidence: str, reason: str) -> list[Action]:
+        """A guard said no: the backend stays in rotation as suspect, re-probed with backoff."""
+        actions: list[Action] = []
+        if b.state is not State.SUSPECT:
+            actions += self._suspect(b, now, f"{evidence}; quarantine withheld: {reason}")
+        elif not b.probe_outstanding and b.next_probe_at is None:
+            # Keep asking: the guard may allow it later and the probe says whether it is still needed.
+            b.next_probe_at = now + self._jittered(b.interval)
+            b.interval = self._grown(b.interval)
+        if b.withheld != reason:
+            b.withheld = reason
+            actions.append(QuarantineWithheld(b.key, reason, evidence))
+        return actions
+
+    def _start_peer_checks(self, b: _Backend, since: float, now: float) -> list[Action]:
+        """Probe peers with no life known since `since`, a few at a time per service."""
+        out = sum(o.probe_outstanding and o.peer_check for o in self._backends.values())
+        actions: list[Action] = []
+        for o in self._eligible():
+            if out >= MAX_PEER_CHECKS:
+                break
+            if o is b or not o.in_rotation or not self._unchecked(o, since) or self._usable_now(o, since):
+                continue
+            if o.state is State.SUSPECT:
+                o.failing_since = now  # its own re-probe, judged as such
+            else:
+                o.peer_check = True
+            actions += self._probe_now(o, now)
+            out += 1
+        return actions
+
+    def _reconsider(self, now: float) -> list[Action]:
+        """Verdicts waiting for peer checks, again: a peer may have answered or shown life."""
+        actions: list[Action] = []
+        for b in list(self._backends.values()):
+            c = b.awaiting
+            if c is None:
+                continue
+            if b.state not in (State.SUSPECT, State.RAMPING) or b.probe_outstanding:
+                b.awaiting = None  # overtaken: a quarantine, a reload, or a new probe that decides
+                continue
+            actions += self._try_quarantine(b, now, c)
+        return actions
 
     def _enforce_guards(self, now: float) -> list[Action]:
         """Release quarantined backends beyond what the guards allow (restart, reload).
         The most recently quarantined go back first: the older ones failed for longer."""
         out = sorted((b for b in self._eligible() if b.state in OUT_OF_ROTATION),
                      key=lambda b: b.since)
+        cap = self.settings.max_quarantined
         actions: list[Action] = []
         while out:
-            if len(out) > self._max_quarantined():
-                reason = f"max_quarantined ({self._max_quarantined()})"
+            if cap is not None and len(out) > cap:
+                reason = f"max_quarantined ({cap})"
             elif not any(b.in_rotation for b in self._eligible()):
                 reason = "last usable backend"
             else:
@@ -596,34 +736,30 @@ class ServiceHealth:
             b.next_probe_at = now
         return actions
 
-    # -- correlated failure --
+    # -- freeze: evidence that the problem is this host's --
 
-    def _note_failure_for_correlation(self, key: BackendKey, t: float) -> list[Action]:
-        s = self.settings
-        self._recent_failures[key] = max(t, self._recent_failures.get(key, t))
-        cutoff = t - s.correlated_window
-        self._recent_failures = {k: ft for k, ft in self._recent_failures.items() if ft >= cutoff}
-        eligible = len(self._eligible())
-        failing = sum(1 for k in self._recent_failures if self._backends[k].config.weight > 0)
-        if failing < MIN_CORRELATED_BACKENDS or failing < s.correlated_fraction * eligible:
-            return []
-        self._frozen_until = max(self._frozen_until, t + s.correlated_window)
+    def _freeze(self, now: float, reason: str) -> list[Action]:
         if self._frozen:
             return []
-        self._frozen = True
-        return [FreezeReported(self._service.name,
-                               f"{failing} of {eligible} backends failed within {s.correlated_window:g} s: "
-                               "suspecting the client's own path, new quarantines frozen")]
+        self._frozen, self._frozen_at, self._freeze_reason = True, now, reason
+        return [FreezeReported(self._service.name, reason)]
 
-    def _maybe_lift_freeze(self, now: float) -> list[Action]:
-        if not self._frozen or now < self._frozen_until:
+    def _alive(self, b: _Backend, t: float, now: float, evidence: str) -> list[Action]:
+        """Life from `b` at `t`. Any life after a freeze began lifts it, and what the freeze
+        held back is probed again at once: its probe may have failed for the host's sake."""
+        b.alive_at = t if b.alive_at is None else max(b.alive_at, t)
+        if not self._frozen or t < self._frozen_at:
             return []
         self._frozen = False
-        for b in self._backends.values():
-            if b.state is State.SUSPECT and b.withheld and not b.probe_outstanding:
-                b.next_probe_at = now  # re-judge at once what the freeze held back
-        return [FreezeLifted(self._service.name,
-                             f"no correlated failures for {self.settings.correlated_window:g} s")]
+        for o in self._backends.values():
+            if o.state is State.SUSPECT and o.withheld and not o.probe_outstanding:
+                o.next_probe_at = now
+        return [FreezeLifted(self._service.name, f"{format_endpoint(b.key)}: {evidence}")]
+
+    @staticmethod
+    def _record_failure(b: _Backend, t: float, answered: bool) -> None:
+        if b.failed_at is None or t >= b.failed_at:
+            b.failed_at, b.failed_answered = t, answered
 
     # -- small state helpers --
 
@@ -642,11 +778,12 @@ class ServiceHealth:
     def _note(self, b: _Backend, evidence: str, t: float) -> None:
         b.last_evidence, b.last_evidence_at = evidence, t
 
-    def _probe_now(self, b: _Backend, timeout: float | None = None) -> list[Action]:
+    def _probe_now(self, b: _Backend, now: float, timeout: float | None = None) -> list[Action]:
         b.next_probe_at = None
         if b.probe_outstanding:
             return []
         b.probe_outstanding = True
+        b.probe_started_at = now
         b.probe_timeout = timeout if timeout is not None else self._probe_timeout(b)
         b.slow_success_during_probe = 0.0
         return [StartProbe(b.key, b.probe_timeout)]
@@ -658,12 +795,17 @@ class ServiceHealth:
 
     # -- entering states --
 
-    def _suspect(self, b: _Backend, now: float, evidence: str) -> list[Action]:
+    def _suspect(self, b: _Backend, now: float, evidence: str, check_peers: bool = False) -> list[Action]:
         actions = self._move(b, State.SUSPECT, now, evidence)
         actions += self._set_weight(b, b.config.weight, "suspect: stays in rotation until the probe decides")
         b.clear_schedule()
         b.interval = b.backoff
-        return actions + self._probe_now(b)
+        actions += self._probe_now(b, now)
+        if check_peers and not any(self._usable_now(o, b.failing_since) for o in self._eligible() if o is not b):
+            # A silent failure is judged against a usable peer: ask now, so that the
+            # verdict can come with the backend's own probe.
+            actions += self._start_peer_checks(b, b.failing_since, now)
+        return actions
 
     def _quarantine(self, b: _Backend, now: float, evidence: str, relapse: bool) -> list[Action]:
         s = self.settings
@@ -678,22 +820,6 @@ class ServiceHealth:
         actions = self._move(b, State.QUARANTINED, now, evidence)
         actions += self._set_weight(b, s.quarantine_weight, f"quarantined: {evidence}")
         b.next_probe_at = now + self._jittered(b.interval)
-        return actions
-
-    def _try_quarantine(self, b: _Backend, now: float, evidence: str, relapse: bool) -> list[Action]:
-        blocker = self._quarantine_blocker(b)
-        if blocker is None:
-            return self._quarantine(b, now, evidence, relapse)
-        actions: list[Action] = []
-        if b.state is not State.SUSPECT:
-            actions += self._suspect(b, now, f"{evidence}; quarantine withheld: {blocker}")
-        elif not b.probe_outstanding and b.next_probe_at is None:
-            # Keep asking: the guard may allow it later and the probe says whether it is still needed.
-            b.next_probe_at = now + self._jittered(b.interval)
-            b.interval = self._grown(b.interval)
-        if b.withheld != blocker:
-            b.withheld = blocker
-            actions.append(QuarantineWithheld(b.key, blocker, evidence))
         return actions
 
     def _start_ramp(self, b: _Backend, now: float, evidence: str) -> list[Action]:
@@ -737,28 +863,28 @@ class ServiceHealth:
         if b is None or b.state is State.DISABLED:
             return []
         if ev.connect_time is None:
-            return self._success(b, ev.t)  # seen late: a success with no connect time
+            return self._success(b, ev.t, now)  # seen late: a success with no connect time
         # Time the connect on this backend, not since an earlier attempt IPVS rescheduled.
         started_here = pending is not None and pending.backend == ev.backend
         connect_time = ev.t - pending.started if started_here else ev.connect_time
         b.history.add(connect_time)
         if b.probe_outstanding:
             b.slow_success_during_probe = max(b.slow_success_during_probe, connect_time)
-        return self._success(b, ev.t)
+        return self._success(b, ev.t, now)
 
     def _on_udp_replied(self, ev: UdpReplied, now: float) -> list[Action]:
         b = self._backends.get(ev.backend)
         if b is None or b.state is State.DISABLED:
             return []
-        return self._success(b, ev.t)
+        return self._success(b, ev.t, now)
 
     def _on_successes(self, ev: Successes, now: float) -> list[Action]:
         b = self._backends.get(ev.backend)
         if b is None or b.state is State.DISABLED or ev.count <= 0:
             return []
-        return self._success(b, ev.t, ev.count)
+        return self._success(b, ev.t, now, ev.count)
 
-    def _success(self, b: _Backend, t: float, count: int = 1) -> list[Action]:
+    def _success(self, b: _Backend, t: float, now: float, count: int = 1) -> list[Action]:
         b.counters["successes"] += count
         b.last_success_at = t if b.last_success_at is None else max(b.last_success_at, t)
         # Successes the tracer only counted reach the engine after the records of the same
@@ -769,7 +895,8 @@ class ServiceHealth:
             b.successes_since_readmit += count
         elif b.state is State.HEALTHY:
             b.backoff = self.settings.probe_backoff_initial  # real traffic after probation
-        return []
+        return self._alive(b, t, now, "a client connect succeeded" if count == 1
+                           else f"{count} client connects succeeded")
 
     def _on_reset(self, ev: ResetInSynSent, now: float) -> list[Action]:
         pending = self._pending.pop(ev.conn, None)
@@ -791,7 +918,9 @@ class ServiceHealth:
         if pending is not None:
             pending.judged = True
         started = pending.started if pending is not None else ev.t - INITIAL_SYN_TIMEOUT
-        return self._failure(ev.backend, ev.t, now, False, "first SYN retransmit", started)
+        # Slow is not dead: like a missed deadline it only raises suspicion, the probe decides.
+        return self._failure(ev.backend, ev.t, now, False, "first SYN retransmit", started,
+                             counts_toward_streak=False)
 
     def _on_closed_in_syn_sent(self, ev: ClosedInSynSent, now: float) -> list[Action]:
         self._pending.pop(ev.conn, None)
@@ -818,32 +947,34 @@ class ServiceHealth:
         self._note(b, evidence, t)
         if counts_toward_streak:
             b.last_failure_at = t if b.last_failure_at is None else max(b.last_failure_at, t)
-        # Correlation first, so the failure that completes the pattern is already frozen.
-        actions = self._note_failure_for_correlation(key, t)
-        return actions + self._judge_failure(b, now, evidence, started, counts_toward_streak)
+        self._record_failure(b, t, answered=hard)
+        return self._judge_failure(b, now, evidence, started, hard, counts_toward_streak)
 
-    def _judge_failure(self, b: _Backend, now: float, evidence: str, started: float,
+    def _judge_failure(self, b: _Backend, now: float, evidence: str, started: float, hard: bool,
                        counts_toward_streak: bool = True) -> list[Action]:
         if b.state in OUT_OF_ROTATION:
             return []  # already out; the re-admission probes decide
+        if b.state is not State.SUSPECT:
+            b.failing_since = started
         if self._in_probation(b, started, now):
             if counts_toward_streak:
-                return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
+                return self._try_quarantine(b, now, _Confirmed(f"failure in probation: {evidence}", started,
+                                                               relapse=True, answered=hard))
             # A missed deadline is an absence of evidence, which a skipped tracer run can
             # fake: in probation too the probe decides, and its failure is the relapse.
             if b.state is State.RAMPING:
                 self._note(b, f"{evidence}: probing", now)
-                return self._probe_now(b)
-            return self._suspect(b, now, evidence)
+                return self._probe_now(b, now)
+            return self._suspect(b, now, evidence, check_peers=not hard)
         if b.state is State.RAMPING:
             return []  # a connect from before the re-admission
         if counts_toward_streak:
             b.streak += 1
         if b.streak >= self.settings.failure_threshold:
-            return self._try_quarantine(b, now, f"{b.streak} consecutive failures, last: {evidence}",
-                                        relapse=False)
+            return self._try_quarantine(b, now, _Confirmed(f"{b.streak} consecutive failures, last: {evidence}",
+                                                           b.failing_since, relapse=False, answered=hard))
         if b.state is State.HEALTHY:
-            return self._suspect(b, now, evidence)
+            return self._suspect(b, now, evidence, check_peers=not hard)
         return []  # already suspect: the probe is out or scheduled
 
     def _on_probe_result(self, ev: ProbeResult, now: float) -> list[Action]:
@@ -851,20 +982,40 @@ class ServiceHealth:
         if b is None or b.state is State.DISABLED or not b.probe_outstanding:
             return []
         b.probe_outstanding = False
+        peer_check, b.peer_check = b.peer_check, False
+        started = b.probe_started_at if b.probe_started_at is not None else ev.t
         b.counters["probes_ok" if ev.ok else "probes_failed"] += 1
         detail = f": {ev.detail}" if ev.detail else ""
-        evidence = f"probe {'ok' if ev.ok else 'failed'}{detail}"
+        what = "peer check" if peer_check else "probe"
+        evidence = f"{what} {'ok' if ev.ok else 'failed'}{detail}"
         self._note(b, evidence, ev.t)
+        actions: list[Action] = []
+        if ev.ok:
+            actions += self._alive(b, started, now, evidence)
+        else:
+            # A local failure is no evidence against the backend, but it is not usable now.
+            self._record_failure(b, ev.t, answered=ev.refused and not ev.local)
         if b.state is State.SUSPECT:
-            return self._confirmation_answered(b, ev.ok, now, evidence)
+            return actions + self._confirmation_answered(b, ev, now, evidence)
         if b.state is State.PROBING:
-            return self._readmission_answered(b, ev.ok, now, evidence)
-        if b.state is State.RAMPING and not ev.ok:  # probing a missed deadline in probation
-            return self._try_quarantine(b, now, f"failure in probation: {evidence}", relapse=True)
-        return []  # a confirmation probe overtaken by a quarantine on the failure streak
+            return actions + self._readmission_answered(b, ev, now, evidence)
+        if ev.ok or ev.local:
+            return actions  # a peer check answered, or a probe overtaken by a quarantine
+        if peer_check:
+            # Failure evidence against this peer: it becomes suspect, its own probe decides.
+            return actions + self._judge_failure(b, now, evidence, started, ev.refused, counts_toward_streak=False)
+        if b.state is State.RAMPING:  # probing a missed deadline in probation
+            return actions + self._try_quarantine(b, now, _Confirmed(
+                f"failure in probation: {evidence}", b.failing_since, relapse=True, answered=ev.refused))
+        return actions  # a confirmation probe overtaken by a quarantine on the failure streak
 
-    def _confirmation_answered(self, b: _Backend, ok: bool, now: float, evidence: str) -> list[Action]:
-        if not ok and b.slow_success_during_probe > b.probe_timeout:
+    def _confirmation_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str) -> list[Action]:
+        if ev.ok:
+            b.streak = 0
+            b.withheld = None
+            b.next_probe_at = None
+            return self._move(b, State.HEALTHY, now, evidence)
+        if not ev.local and b.slow_success_during_probe > b.probe_timeout:
             # The backend got slower (a path change, netem in the tests), not dead: a client
             # connect took longer than the probe was allowed to wait, and succeeded. Ask again,
             # allowing what the adaptive deadline would allow for that connect time.
@@ -872,23 +1023,23 @@ class ServiceHealth:
             timeout = max(self._probe_timeout(b), self.settings.connect_deadline_multiple * slow)
             self._note(b, f"{evidence}; but a client connect succeeded in {_ms(slow)}: "
                           f"probing again with {_ms(timeout)}", now)
-            return self._probe_now(b, timeout)
-        if not ok:
-            relapse = b.probation_until is not None
-            return self._try_quarantine(b, now, evidence, relapse=relapse)
-        b.streak = 0
-        b.withheld = None
-        b.next_probe_at = None
-        return self._move(b, State.HEALTHY, now, evidence)
+            return self._probe_now(b, now, timeout)
+        relapse = b.probation_until is not None
+        return self._try_quarantine(b, now, _Confirmed(evidence, b.failing_since, relapse,
+                                                       answered=ev.refused and not ev.local, local=ev.local))
 
-    def _readmission_answered(self, b: _Backend, ok: bool, now: float, evidence: str) -> list[Action]:
+    def _readmission_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str) -> list[Action]:
         s = self.settings
-        if ok:
+        if ev.ok:
             b.rises += 1
             if b.rises >= s.rise:
                 return self._start_ramp(b, now, f"{evidence} ({b.rises}/{s.rise})")
             actions = self._move(b, State.QUARANTINED, now, f"{evidence} ({b.rises}/{s.rise})")
             b.next_probe_at = now + self._jittered(s.probe_backoff_initial)
+            return actions
+        if ev.local:  # the host's failure, not the backend's: ask again, no longer wait
+            actions = self._move(b, State.QUARANTINED, now, f"{evidence} (on this host)")
+            b.next_probe_at = now + self._jittered(b.interval)
             return actions
         b.rises = 0
         b.interval = self._grown(b.interval)
@@ -938,9 +1089,10 @@ class ServiceHealth:
             if b.state is State.QUARANTINED:
                 which = f"re-admission probe {b.rises + 1}/{self.settings.rise}"
                 actions += self._move(b, State.PROBING, now, which)
-                actions += self._probe_now(b)
+                actions += self._probe_now(b, now)
             elif b.state is State.SUSPECT:
-                actions += self._probe_now(b)
+                b.failing_since = now  # a re-probe: peers must show life after it
+                actions += self._probe_now(b, now)
             else:
                 b.next_probe_at = None
         if b.state is State.RAMPING and b.next_ramp_step is not None and now >= b.next_ramp_step:
@@ -1011,7 +1163,8 @@ class ServiceHealth:
                 return []
             b.clear_schedule()
             b.end_probation()
-            b.probe_outstanding = False
+            b.probe_outstanding = b.peer_check = False
+            b.awaiting = None
             b.withheld = None
             actions = self._move(b, State.DISABLED, now, "configured weight 0")
             return actions + self._set_weight(b, 0, "configured weight 0")
@@ -1029,14 +1182,14 @@ class ServiceHealth:
         actions: list[Action] = []
         self._pending.clear()
         self._deadlines.clear()
-        self._recent_failures.clear()
         if self._frozen:
             self._frozen = False
             actions.append(FreezeLifted(self._service.name, "health checking disabled"))
         for b in self._backends.values():
             b.clear_schedule()
             b.end_probation()
-            b.probe_outstanding = False
+            b.probe_outstanding = b.peer_check = False
+            b.awaiting = None
             b.withheld = None
             b.streak = b.rises = 0
             if b.state not in (State.HEALTHY, State.DISABLED):

@@ -31,10 +31,8 @@ class HealthSettings:
     # retransmit (1 s) counts as a soft failure.
     connect_history_min: int = 20
     failure_threshold: int = 3
-    # None means floor(N/2), at least 1 when N >= 2.
+    # An opt-in cap on backends out at once; None: only "never the last usable backend".
     max_quarantined: int | None = None
-    correlated_fraction: float = 0.5
-    correlated_window: float = 2.0
     quarantine_weight: int = 0
     probe_backoff_initial: float = 1.0
     probe_backoff_factor: float = 2.0

@@ -13,11 +13,26 @@ from dataclasses import dataclass
 from ipvslb.model import IPAddress
 
 
+# Errors connect() or send() return at once when this host itself has no path: no route,
+# a local firewall rule, no usable source address, the interface down. They say nothing
+# about the backend. (The same errno arriving later, as SO_ERROR, came from the network.)
+LOCAL_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EPERM, errno.EACCES,
+                          errno.EADDRNOTAVAIL})
+
+
 @dataclass(frozen=True)
 class ProbeOutcome:
     ok: bool
     detail: str
     elapsed: float
+    local: bool = False    # failed on this host: no evidence against the backend
+    refused: bool = False  # the backend answered no: this host's path to it works
+
+
+def failure(err: OSError, elapsed: float, *, immediate: bool) -> ProbeOutcome:
+    """A probe that failed with `err`; `immediate`: returned by the call itself, not later."""
+    return ProbeOutcome(False, _describe(err), elapsed, local=immediate and err.errno in LOCAL_ERRNOS,
+                        refused=err.errno == errno.ECONNREFUSED)
 
 
 def _family(address: IPAddress) -> int:
@@ -40,7 +55,7 @@ class TcpProbe:
         if err == 0:
             self._done(True, "connected")
         elif err != errno.EINPROGRESS:
-            self._done(False, _describe(OSError(err, os.strerror(err))))
+            self.outcome = failure(OSError(err, os.strerror(err)), time.monotonic() - self.started, immediate=True)
         else:
             self._check()
 
@@ -53,7 +68,8 @@ class TcpProbe:
         if poller.poll(0):
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._done(False, _describe(OSError(err, os.strerror(err))))
+                self.outcome = failure(OSError(err, os.strerror(err)), time.monotonic() - self.started,
+                                       immediate=False)
             else:
                 self._done(True, "connected")
 
