@@ -146,9 +146,6 @@ def _config(workdir: Path, backends) -> Path:
         f"    vip: {VIP}",
         f"    port: {PORT}",
         "    scheduler: rr",
-        # Two faults at once among three backends: the default guard (at most floor(3/2) = 1
-        # out) would keep the second one in rotation, as designed. The demo allows both.
-        "    health: {max_quarantined: 2}",
         "    backends:",
         *[f"      - {{address: {b.v4}, port: {b.port}, weight: 10}}" for b in backends],
     ]
