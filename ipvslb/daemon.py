@@ -356,7 +356,13 @@ class Daemon:
     # -- main ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        from ipvslb import preflight
+
         loop = asyncio.get_running_loop()
+        # Before the tracer compile: a setting that stops the daemon after it would cost a
+        # compile (seconds to minutes) at every systemd restart.
+        if problem := preflight.settings_problem(self.cfg.settings):
+            raise StartupError(problem)
         self._open_kernel()
         log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s", __version__,
                  self.tracer.compile_seconds, self.tracer.attribution)
@@ -367,8 +373,19 @@ class Daemon:
         self._apply()
         self.tracer.set_vips((s.protocol, s.vip, s.port) for s in self.cfg.services)
         loop.add_reader(self.tracer.fileno(), self._on_records)
-        server = await status.serve(self.cfg.settings.status_socket, self.snapshot)
-        self._start_metrics(loop)
+        # Checked before the compile; still refused here if another process took them since.
+        try:
+            server = await status.serve(self.cfg.settings.status_socket, self.snapshot)
+        except status.SocketPathTaken as err:
+            raise StartupError(str(err)) from err
+        except OSError as err:
+            raise StartupError(f"status socket {self.cfg.settings.status_socket}: {err.strerror or err}") from err
+        try:
+            self._start_metrics(loop)
+        except OSError as err:
+            server.close()
+            raise StartupError(f"cannot listen on settings.metrics_address {self.cfg.settings.metrics_address}: "
+                               f"{err.strerror or err}") from err
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

@@ -6,6 +6,10 @@ sentence (and a non-zero exit) instead of a bcc compile error or a netlink trace
 
 Reads files and makes one bpf() call; runs no programs. Everything the checks look at is a
 parameter, so the unit tests give them a fake /proc, /sys, /lib/modules and bpf().
+
+`settings_problem` checks what the configuration names (state directory, status socket,
+metrics address) before the tracer compile, which takes seconds to minutes: a daemon that
+would stop on them afterwards would recompile at every systemd restart.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import errno
 import importlib.util
 import os
 import platform
+import socket
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +43,34 @@ def btf(sysfs: Path = Path("/sys")) -> str | None:
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, Fedora and RHEL kernels are)")
 
 
+# What bcc's compile needs of the headers tree, relative to `build` (the configuration as a
+# header, the top Makefile every kernel build tree has) and to
+# `source`, which Debian splits into linux-headers-*-common (RPM's kernel-devel has one
+# tree, `source` absent or pointing at `build`).
+BUILD_FILES = ("Makefile", "include/generated/autoconf.h")
+SOURCE_FILES = ("include/linux/kconfig.h",)
+
+
 def headers(release: str, modules: Path = Path("/lib/modules")) -> str | None:
+    """The one check of the kernel headers, also used by the tracer (`ipvslb events` runs
+    no preflight)."""
     build = modules / release / "build"
+    source = modules / release / "source"
+    if not source.exists():
+        source = build / "source" if (build / "source").exists() else build
     # exists() follows the link: linux-headers removed after the image leaves it dangling.
-    if build.exists():
-        return None
-    return (f"kernel headers for {release} are missing ({build}): install linux-headers-{release} "
-            f"(Debian) or kernel-devel-{release} (RPM); bcc compiles the tracer against them")
+    if not build.exists():
+        found = f"{build} is missing"
+    else:
+        absent = [build / name for name in BUILD_FILES if not (build / name).is_file()]
+        absent += [source / name for name in SOURCE_FILES
+                   if not (source / name).is_file() and not (build / name).is_file()]
+        if not absent:
+            return None
+        found = f"{build} lacks {', '.join(map(str, absent))}"
+    return (f"kernel headers for {release} are missing or incomplete ({found}): (re)install "
+            f"linux-headers-{release} (Debian) or kernel-devel-{release} (RPM); bcc compiles the tracer "
+            "against them")
 
 
 def ip_vs(release: str, proc: Path = Path("/proc"), modules: Path = Path("/lib/modules")) -> str | None:
@@ -98,6 +125,60 @@ def _bpf_map_create() -> int | None:
     if fd < 0:
         return ctypes.get_errno()
     os.close(fd)
+    return None
+
+
+def state_dir(path: str) -> str | None:
+    """The directory exists or can be made, and takes a new file (a read-only mount, such
+    as the packaged unit's ProtectSystem=strict outside its StateDirectory=, does not)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return (f"state directory {path} is not writable ({err.strerror or err}): set settings.state_dir to a "
+                "writable directory (the packaged unit lets the daemon write /var/lib/ipvslb)")
+    return None
+
+
+def status_socket(path: str) -> str | None:
+    from ipvslb import status
+
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        return (f"status socket {path}: directory {parent} is not writable ({err.strerror or err}): set "
+                "settings.status_socket to a writable place (the packaged unit lets the daemon write /run/ipvslb)")
+    return status.path_problem(path)
+
+
+def metrics_address(address: str) -> str | None:
+    """The address can be listened on: bound once and released (the HTTP server binds it
+    again, with SO_REUSEADDR as here)."""
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, int(port)))
+    except OSError as err:
+        return (f"cannot listen on settings.metrics_address {address} ({err.strerror or err}): another process "
+                "listens there or the address is not this host's; choose another, or '' for no metrics")
+    return None
+
+
+def settings_problem(settings) -> str | None:
+    """The first problem with what the configuration's settings name, or None."""
+    for problem in (state_dir(settings.state_dir), status_socket(settings.status_socket),
+                    metrics_address(settings.metrics_address)):
+        if problem:
+            return problem
     return None
 
 

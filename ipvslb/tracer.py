@@ -130,10 +130,10 @@ class Tracer:
             from bcc import BPF
         except ImportError as err:
             raise TracerUnavailable(f"bcc is not importable ({err}): install python3-bpfcc") from err
-        release = os.uname().release
-        if not Path(f"/lib/modules/{release}/build").exists():
-            raise TracerUnavailable(
-                f"kernel headers for {release} are missing: install linux-headers-{release}")
+        from ipvslb import preflight
+
+        if problem := preflight.headers(os.uname().release):
+            raise TracerUnavailable(problem)
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
         # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
         cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import shutil
+import socket
 
 import pytest
 
@@ -16,10 +18,16 @@ def host(tmp_path):
     proc, modules = tmp_path / "proc", tmp_path / "modules"
     (proc / "net").mkdir(parents=True)
     (proc / "net" / "ip_vs").write_text("IP Virtual Server version 1.2.1\n")
+    # Debian's layout: the architecture's tree at `build`, the -common one at `source`.
     headers = tmp_path / "usr/src" / f"linux-headers-{RELEASE}"
-    headers.mkdir(parents=True)
+    common = tmp_path / "usr/src" / "linux-headers-6.1.0-50-common"
+    for tree, files in ((headers, preflight.BUILD_FILES), (common, preflight.SOURCE_FILES)):
+        for name in files:
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_text("/* */\n")
     (modules / RELEASE).mkdir(parents=True)
     (modules / RELEASE / "build").symlink_to(headers)
+    (modules / RELEASE / "source").symlink_to(common)
     (modules / RELEASE / "modules.dep").write_text(
         "kernel/net/netfilter/ipvs/ip_vs.ko: kernel/net/netfilter/nf_conntrack.ko\n"
         "kernel/net/netfilter/ipvs/ip_vs_rr.ko: kernel/net/netfilter/ipvs/ip_vs.ko\n")
@@ -46,9 +54,43 @@ def test_missing_headers_name_the_package_for_the_running_kernel(host):
 
 def test_a_dangling_build_link_counts_as_missing_headers(host):
     root, kw = host
-    (root / "usr/src" / f"linux-headers-{RELEASE}").rmdir()
+    shutil.rmtree(root / "usr/src" / f"linux-headers-{RELEASE}")
     [problem] = preflight.problems(**kw)
-    assert problem.startswith(f"kernel headers for {RELEASE} are missing")
+    assert problem.startswith(f"kernel headers for {RELEASE} are missing or incomplete "
+                              f"({root}/modules/{RELEASE}/build is missing): (re)install linux-headers-{RELEASE}")
+
+
+@pytest.mark.parametrize("tree, name", [("linux-headers-6.1.0-50-amd64", "include/generated/autoconf.h"),
+                                        ("linux-headers-6.1.0-50-amd64", "Makefile"),
+                                        ("linux-headers-6.1.0-50-common", "include/linux/kconfig.h")])
+def test_an_incomplete_headers_tree_is_named_with_the_missing_file(host, tree, name):
+    root, kw = host
+    (root / "usr/src" / tree / name).unlink()
+    [problem] = preflight.problems(**kw)
+    where = "build" if tree.endswith("amd64") else "source"
+    assert problem == (f"kernel headers for {RELEASE} are missing or incomplete ({root}/modules/{RELEASE}/build "
+                       f"lacks {root}/modules/{RELEASE}/{where}/{name}): (re)install linux-headers-{RELEASE} "
+                       f"(Debian) or kernel-devel-{RELEASE} (RPM); bcc compiles the tracer against them")
+
+
+def test_one_tree_without_source_link_is_complete(host):
+    """RPM's kernel-devel: everything in the build tree, no `source` beside it."""
+    root, kw = host
+    (root / "modules" / RELEASE / "source").unlink()
+    build = root / "usr/src" / f"linux-headers-{RELEASE}"
+    assert preflight.headers(RELEASE, kw["modules"]) is not None  # kconfig.h nowhere yet
+    (build / "include/linux").mkdir(parents=True)
+    (build / "include/linux/kconfig.h").write_text("/* */\n")
+    assert preflight.problems(**kw) == []
+
+
+def test_the_tracer_uses_the_same_headers_check():
+    import inspect
+
+    from ipvslb import tracer
+
+    assert "preflight.headers(" in inspect.getsource(tracer.Tracer.__init__)
+    assert "linux-headers" not in inspect.getsource(tracer)
 
 
 def test_ip_vs_not_loaded_but_available_as_a_module_is_fine(host):
@@ -134,3 +176,44 @@ def test_run_refuses_with_one_line_and_exit_1(monkeypatch, capsys):
     assert cli.main(["run", "--config", "/nonexistent.yaml"]) == 1
     err = capsys.readouterr().err
     assert err == "ipvslb: cannot start: first problem\n"
+
+
+# --- what the settings name, checked before the tracer compile -----------------------------
+
+def test_a_writable_state_dir_is_made_and_passes(tmp_path):
+    assert preflight.state_dir(str(tmp_path / "a" / "state")) is None
+    assert (tmp_path / "a" / "state").is_dir() and list((tmp_path / "a" / "state").iterdir()) == []
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_sentence(tmp_path):
+    (tmp_path / "file").write_text("x")
+    problem = preflight.state_dir(str(tmp_path / "file" / "state"))
+    assert problem == (f"state directory {tmp_path}/file/state is not writable (Not a directory): set "
+                       "settings.state_dir to a writable directory (the packaged unit lets the daemon write "
+                       "/var/lib/ipvslb)")
+
+
+def test_a_read_only_state_dir_is_refused():
+    # /proc/sys is read-only for files that are not sysctls, as root too.
+    assert "is not writable" in preflight.state_dir("/proc/sys")
+
+
+def test_a_status_socket_path_holding_a_file_is_refused(tmp_path):
+    (tmp_path / "s.sock").write_text("x")
+    assert "a file that is not a socket" in preflight.status_socket(str(tmp_path / "s.sock"))
+    assert preflight.status_socket(str(tmp_path / "sub" / "s.sock")) is None
+    assert "directory /proc/sys is not writable" in preflight.status_socket("/proc/sys/s.sock")
+
+
+def test_a_metrics_port_in_use_is_one_sentence():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        problem = preflight.metrics_address(f"127.0.0.1:{port}")
+    assert problem == (f"cannot listen on settings.metrics_address 127.0.0.1:{port} (Address already in use): "
+                       "another process listens there or the address is not this host's; choose another, or '' "
+                       "for no metrics")
+    assert preflight.metrics_address(f"127.0.0.1:{port}") is None  # released again
+    assert preflight.metrics_address("") is None
+    assert "Cannot assign requested address" in preflight.metrics_address("192.0.2.1:9742")
