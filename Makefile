@@ -112,7 +112,7 @@ collection-install: ansible-venv
 test-molecule: ansible-venv venv apt-repo collection-install
 	for s in $(MOLECULE_SCENARIOS); do \
 	  start=$$(date +%s); \
-	  PATH=$(ANSIBLE_BIN):$$PATH molecule test -s $$s || { echo "molecule $$s: FAILED after $$(( $$(date +%s) - start )) s"; exit 1; }; \
+	  PATH=$(ANSIBLE_BIN):$$PATH molecule/common/vm.py test $$s || { echo "molecule $$s: FAILED after $$(( $$(date +%s) - start )) s"; exit 1; }; \
 	  echo "molecule $$s: passed in $$(( $$(date +%s) - start )) s"; \
 	done
 

@@ -3,28 +3,27 @@
 
     testbed/run_vm.py --kernels "6.1 6.12 newest"               # pytest tests/kernel
     testbed/run_vm.py --kernels 6.12 -- -k smoke -x              # extra pytest arguments
-    testbed/run_vm.py --kernels 6.1 --exec "python3 -m ipvslb demo-guest"
+    testbed/run_vm.py --kernels 6.1 --exec "python3 bench/failover.py"
 
 Each VM is virtme-ng under QEMU TCG (KVM aborts on these machines) with the host's root
 filesystem copy-on-write and 2 GiB. The guest writes its log, exit code and dmesg into a
 results directory shared with --rwdir; the host follows the log live, then prints one
 summary line per kernel, with each failed test's assertion lines under it. The run fails
-if any kernel's command fails, times out, or its dmesg shows BUG:/WARNING:/Oops. A VM that
-ends before its guest starts the command (QEMU has crashed while booting) boots once more,
-and so does one whose guest kernel died of an int3 that QEMU's emulation of self-patching
-kernel code left behind (see emulator_fault); the summary line says so. The guest kernel's
-console is kept in vng.log and its crash lines are named in the summary.
+if any kernel's command fails, times out, its dmesg shows BUG:/WARNING:/Oops, or its guest
+kernel dies. The guest kernel's console is kept in vng.log and watched (testbed/vmlib.py): a
+panic, Oops or BUG ends the VM within seconds and its crash lines are named in the summary.
+A VM that ends before its guest starts the command (QEMU has crashed while booting) boots
+once more, and so does one whose guest kernel died, before its command finished, of an int3
+that QEMU's emulation of self-patching kernel code left behind (vmlib.emulator_fault); the
+summary line says so and names the first run's log.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,9 +32,10 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels  # noqa: E402
+import vmlib  # noqa: E402
 
 REPO = kernels.REPO
-RESULTS = kernels.CACHE / "results"
+RESULTS = vmlib.RESULTS
 DMESG_BAD = re.compile(r"BUG:|WARNING:|Oops")
 
 
@@ -72,20 +72,6 @@ def follow(path: Path, prefix: str, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
-def vm_lock(shared: bool = False):
-    """One TCG VM at a time on this machine: two at once on two cores made both slow and
-    turned timing tests flaky. Concurrent runs queue here instead (unless `shared`)."""
-    handle = open(RESULTS / ".vm.lock", "w")
-    if shared:
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("run_vm: another VM is running on this machine; waiting for it", flush=True)
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
-
-
 def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool,
                shared: bool = False, qemu_opts: str = "") -> tuple[bool, str]:
     vmlinuz = kernels.fetch(name)
@@ -101,31 +87,27 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     script = out / "guest.sh"
     script.write_text(guest_script(command, out))
     script.chmod(0o755)
-    vng = shutil.which("vng", path=f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
-    if vng is None:
-        raise SystemExit("run_vm: vng not found; run `make venv` first")
+    vng, env = vmlib.vng("run_vm")
     # --verbose: the guest kernel's console goes to vng.log, so a guest that panics says why.
     argv = [vng, "-r", str(vmlinuz), "--disable-kvm", "--verbose", "-m", memory, "--rwdir", str(out),
             *(["--qemu-opts", qemu_opts] if qemu_opts else []), "--", str(script)]
-    env = dict(os.environ, PATH=f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    lock = vm_lock(shared)
+    lock = vmlib.vm_lock("run_vm", shared)
     started = time.monotonic()
-    reruns = []
+    notes = []
     try:
         vm_said = attempt(argv, env, timeout, out, name, quiet)
-        # QEMU's TCG has crashed (a segfault, in the host's dmesg) while booting on these
-        # machines. The guest never started the command, so nothing was tested: boot once
-        # more. A guest that started (it writes its log first) is rerun only when the
-        # emulator itself broke it (see emulator_fault).
-        if not (out / "log").exists() and not vm_said.timed_out:
-            print(f"run_vm: the {name} VM ended before its guest started ({'; '.join(guest_crash(vm_said))}); "
-                  "booting it once more", flush=True)
-            vm_said = attempt(argv, env, timeout, out, name, quiet)
-        elif not (out / "rc").exists() and (fault := emulator_fault(vm_said)):
-            kept = out / "log.1"
-            (out / "log").replace(kept)
-            reruns.append(f"first run died of an emulator fault ({fault}; its log: {kept}), ran once more")
-            print(f"run_vm: the {name} guest died of an emulator fault ({fault}); running it once more",
+        died = vmlib.death(vm_said.printed)
+        # The guest writes its log first and its rc when the command has finished.
+        again = vmlib.once_more((out / "log").exists(), (out / "rc").exists(), vm_said.timed_out, died)
+        if again:
+            if died is not None:
+                kept = out / "log.1"
+                if (out / "log").exists():
+                    (out / "log").replace(kept)
+                notes.append(died.rerun_note(kept if kept.exists() else out / "vng.log"))
+            else:
+                notes.append(f"{again} ({vm_said.how}), booted once more")
+            print(f"run_vm: {again} ({'; '.join(guest_crash(vm_said))}); running the {name} VM once more",
                   flush=True)
             vm_said = attempt(argv, env, timeout, out, name, quiet)
     finally:
@@ -135,7 +117,7 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
     rc = int(rc_file.read_text()) if rc_file.exists() and rc_file.read_text().strip() else None
     dmesg = (out / "dmesg").read_text(errors="replace") if (out / "dmesg").exists() else ""
     bad = [line for line in dmesg.splitlines() if DMESG_BAD.search(line)]
-    ok = rc == 0 and not bad
+    died = vmlib.death(vm_said.printed)
     why = []
     if rc is None:
         why += ["no exit code from the guest", *guest_crash(vm_said), f"vng's output and the guest's console in "
@@ -144,15 +126,20 @@ def run_kernel(name: str, command: str, timeout: float, memory: str, quiet: bool
         why.append(f"exit code {rc}")
     if bad:
         why.append(f"dmesg: {bad[0].strip()}")
+    failed, note = vmlib.judge(rc is not None, died)
+    if failed and rc is not None:  # otherwise named above, under "no exit code"
+        why.append(f"{failed} (console in {out / 'vng.log'})")
+    notes += [note] if note else []
+    ok = not why
     verdict = "passed" if ok else "FAILED (" + "; ".join(why) + ")"
-    summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s" + "".join(f" [{r}]" for r in reruns)
+    summary = f"kernel {name} ({release}): {verdict} in {wall:.1f} s" + "".join(f" [{r}]" for r in notes)
     # CI shows only the tail of a long log: repeat pytest's failure lines under the verdict.
     log = (out / "log").read_text(errors="replace") if (out / "log").exists() else ""
     return ok, "\n".join([summary, *(f"    {line[:300]}" for line in failure_lines(log))])
 
 
 class VmEnd(NamedTuple):
-    how: str              # "vng exit code N" or "timed out after N s"
+    how: str              # "vng exit code N", "stopped: the guest kernel died" or "timed out after N s"
     timed_out: bool
     printed: list[str]    # every line vng, QEMU and the guest's console printed
 
@@ -173,65 +160,37 @@ def attempt(argv: list[str], env: dict[str, str], timeout: float, out: Path, nam
 
 
 def boot(argv: list[str], env: dict[str, str], timeout: float, vng_log: Path) -> VmEnd:
-    """Run one VM; return how vng ended and every line it and the guest's console printed,
-    for when the guest reports nothing. (vng exits 255 even when the guest's command
-    succeeded: the guest's own exit code is in `rc`.) The same is appended to `vng_log`."""
-    # Its own process group: vng starts virtme-run, which starts QEMU, and a timeout must
-    # stop all three (killing vng alone once left a QEMU running for half an hour).
-    vm = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+    """Run one VM until it exits, its guest kernel dies (its console is watched: seconds,
+    not the timeout) or `timeout`; return how it ended and every line it and the guest's
+    console printed, which are also appended to `vng_log`. (vng exits 255 even when the
+    guest's command succeeded: the guest's own exit code is in `rc`.)"""
+    vm = vmlib.Vm(argv, env, vng_log)
     try:
-        stdout, stderr = vm.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(vm.pid, signal.SIGKILL)
-        stdout, stderr = vm.communicate()
-        said = stdout + stderr
-        with vng_log.open("a") as f:
-            f.write(f"--- timed out after {timeout:.0f} s\n{said}")
-        return VmEnd(f"timed out after {timeout:.0f} s", True, said.splitlines())
+        ended = vm.watch(timeout)
+        if ended == "timeout":
+            vm.kill()
+            how = f"timed out after {timeout:.0f} s"
+        else:
+            vm.close()
+            how = (f"vng exit code {vm.proc.returncode}" if vm.proc.returncode >= 0
+                   else "stopped: the guest kernel died")
     finally:
-        if vm.poll() is None:  # interrupted (Ctrl-C): the VM goes with us
-            os.killpg(vm.pid, signal.SIGKILL)
-            vm.wait()
-    with vng_log.open("a") as f:
-        f.write(f"--- vng exit code {vm.returncode}\n{stdout}{stderr}")
-    return VmEnd(f"vng exit code {vm.returncode}", False, (stdout + stderr).splitlines())
-
-
-# The guest kernel's own account of its death, from its console.
-CRASH_LINE = re.compile(r"\] (Oops: .*|BUG: .*|RIP: 0010:.*|Kernel panic - .*)$")
-# The byte before the trapping address and the byte at it, in an oops's `Code:` line.
-CODE_AT = re.compile(r"Code: (?:[0-9a-f]{2} )*([0-9a-f]{2}) <([0-9a-f]{2})>")
+        if vm.proc.poll() is None:  # interrupted (Ctrl-C): the VM goes with us
+            vm.kill()
+    vm.note(how)
+    return VmEnd(how, how.startswith("timed out"), list(vm.console.lines))
 
 
 def guest_crash(vm_said: VmEnd) -> list[str]:
     """How vng ended, then either the guest kernel's crash lines (the first Oops/BUG, where,
     and the panic) or, when there are none, the last lines printed."""
-    crash = []
-    for line in vm_said.printed:
-        found = CRASH_LINE.search(line)
-        if found and not any(c.split(":")[0] == found.group(1).split(":")[0] for c in crash):
-            crash.append(found.group(1))
     tail = [line for line in vm_said.printed if line.strip()][-5:]
-    return [vm_said.how, *(crash or tail)]
+    return [vm_said.how, *(vmlib.crash_lines(vm_said.printed) or tail)]
 
 
 def emulator_fault(vm_said: VmEnd) -> str | None:
-    """Whether the guest kernel died of an int3 that is not in its memory. The kernel patches
-    its own text (static keys when tracing is switched on or off, ftrace for kprobes) with a
-    temporary int3, and QEMU's TCG can run the other vCPU on the bytes from before the patch
-    finished. The oops's `Code:` line shows memory around the address after the trap, the
-    byte there in <>: when the byte before it is no int3 (0xcc), the CPU trapped on code that
-    memory no longer held, which hardware does not do. An int3 still in memory is the
-    guest's own and is not excused."""
-    crash = guest_crash(vm_said)[1:]
-    if not any(line.startswith("Oops: int3") for line in crash):
-        return None
-    code = next(filter(None, map(CODE_AT.search, vm_said.printed)), None)
-    if code is None or code.group(1) == "cc":
-        return None
-    where = next((line for line in crash if line.startswith("RIP:")), "")
-    return " ".join(filter(None, ["Oops: int3", where])) + ", no int3 in memory there"
+    """See vmlib.emulator_fault."""
+    return vmlib.emulator_fault(vm_said.printed)
 
 
 def failure_lines(log: str, per_failure: int = 12) -> list[str]:

@@ -100,6 +100,7 @@ def fake_runs(monkeypatch, tmp_path, *guests, argvs=None, **options):
     guest in the results directory and returns how the VM ended. Each boot's vng command
     line is appended to `argvs`."""
     monkeypatch.setattr(run_vm, "RESULTS", tmp_path)
+    monkeypatch.setattr(run_vm.vmlib, "RESULTS", tmp_path)  # the VM lock's directory
     monkeypatch.setattr(run_vm.kernels, "fetch", lambda name: tmp_path / "vmlinuz")
     monkeypatch.setattr(run_vm.kernels, "release_of", lambda name: "6.12.0-test")
     monkeypatch.setattr(run_vm.shutil, "which", lambda *a, **k: "/usr/bin/vng")
@@ -159,3 +160,35 @@ def test_qemu_options_reach_vng_before_the_guest_command(monkeypatch, tmp_path):
     assert with_opts[with_opts.index("--qemu-opts") + 1] == "-icount shift=3,sleep=off -smp 1"
     assert with_opts.index("--qemu-opts") < with_opts.index("--")
     assert "--qemu-opts" not in without
+
+
+def test_a_guest_kernel_that_dies_after_the_command_finished_fails_the_run(monkeypatch, tmp_path):
+    def passed_then_own_oops(out):
+        passed(out)
+        return CONSOLE._replace(printed=[line.replace("Oops: int3: 0000", "BUG: unable to handle page fault")
+                                         for line in CONSOLE.printed])
+    ok, summary = fake_runs(monkeypatch, tmp_path, passed_then_own_oops)()
+    assert not ok
+    assert "FAILED (guest kernel died: BUG: unable to handle page fault" in summary
+    assert "after the test finished" in summary and "ran once more" not in summary
+
+
+def test_an_emulator_fault_after_the_command_finished_leaves_its_result(monkeypatch, tmp_path):
+    def passed_then_emulator(out):
+        passed(out)
+        return CONSOLE
+    ok, summary = fake_runs(monkeypatch, tmp_path, passed_then_emulator, crashed)()  # no second boot
+    assert ok
+    assert summary.startswith("kernel 6.12 (6.12.0-test): passed in ")
+    assert "[the guest died of an emulator fault after the test finished (Oops: int3" in summary
+
+
+def test_a_vm_that_ends_with_no_console_at_all_boots_once_more(monkeypatch, tmp_path):
+    def silent(out):
+        return run_vm.VmEnd("vng exit code 1", False, [])
+    ok, summary = fake_runs(monkeypatch, tmp_path, silent, passed)()
+    assert ok
+    assert "[the VM ended before its guest started (vng exit code 1), booted once more]" in summary
+    ok, summary = fake_runs(monkeypatch, tmp_path, silent, silent)()
+    assert not ok
+    assert "FAILED (no exit code from the guest; vng exit code 1;" in summary
