@@ -304,3 +304,49 @@ def follow(path: Path, console: Console, stop: Callable[[], bool], poll: float =
             for line in lines:
                 console.feed(line.decode(errors="replace"))
         time.sleep(poll)
+
+
+# --- How often guests die, from the logs in the results directory ------------------------
+
+def boots(console_log: Path) -> list[list[str]]:
+    """The console of each boot in a log: run_vm appends each boot's output and a "--- how
+    it ended" line to one vng.log; the other launchers write one log per boot."""
+    found: list[list[str]] = [[]]
+    for line in console_log.read_text(errors="replace").splitlines():
+        if line.startswith("--- "):
+            found.append([])
+        else:
+            found[-1].append(line)
+    return [boot for boot in found if any(line.strip() for line in boot)]
+
+
+def census(results: Path = RESULTS) -> dict[str, dict[str, int]]:
+    """Per launcher (kernel tests, package test, Molecule): boots, guest kernel deaths and
+    emulator faults in the console logs under `results`."""
+    counts: dict[str, dict[str, int]] = {}
+    for run in sorted(p for p in results.iterdir() if p.is_dir() and not p.is_symlink()):
+        logs = sorted(run.glob("vng.log*"))
+        if not logs:  # never booted (waited for the lock and was stopped)
+            continue
+        kind = "package test" if run.name.startswith("pkgtest-") else (
+            "Molecule" if run.name.startswith("molecule-") else "kernel tests")
+        row = counts.setdefault(kind, {"runs": 0, "boots": 0, "deaths": 0, "emulator faults": 0})
+        row["runs"] += 1
+        for log in logs:
+            for printed in boots(log):
+                died = death(printed)
+                row["boots"] += 1
+                row["deaths"] += died is not None
+                row["emulator faults"] += died is not None and died.fault is not None
+    return counts
+
+
+if __name__ == "__main__":
+    import sys
+
+    where = Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS
+    if sys.argv[1:2] != ["census"]:
+        raise SystemExit("usage: testbed/vmlib.py census [RESULTS_DIR]   # boots, deaths, emulator faults")
+    print("| launcher | runs | boots | guest kernel deaths | of which emulator faults |\n|---|---:|---:|---:|---:|")
+    for kind, row in census(where).items():
+        print(f"| {kind} | {row['runs']} | {row['boots']} | {row['deaths']} | {row['emulator faults']} |")

@@ -281,3 +281,21 @@ def test_molecules_watcher_leaves_a_vm_that_powers_off_alone(tmp_path, monkeypat
     molecule_vm.watch(argparse.Namespace(vm_pid=vm.pid, logs=str(logs)))
     assert vm.returncode == 0
     assert molecule_vm.read_death(logs) is None
+
+
+def test_the_census_counts_boots_deaths_and_emulator_faults_per_launcher(tmp_path):
+    def write(path, *consoles):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join("\n".join(c) + "\n--- vng exit code 255\n" for c in consoles))
+    write(tmp_path / "6.12-1" / "vng.log", EMULATOR, BOOT)  # run_vm: two boots in one log
+    write(tmp_path / "6.1-2" / "vng.log", BOOT)
+    (tmp_path / "6.1-3").mkdir()  # waited for the lock, never booted
+    (tmp_path / "6.1-3" / "guest.sh").write_text("")
+    (tmp_path / "6.1").symlink_to("6.1-2")
+    (tmp_path / "pkgtest-4").mkdir()
+    (tmp_path / "pkgtest-4" / "vng.log.1").write_text("\n".join(OWN_OOPS))
+    (tmp_path / "pkgtest-4" / "vng.log").write_text("\n".join(BOOT))
+    assert vmlib.census(tmp_path) == {
+        "kernel tests": {"runs": 2, "boots": 3, "deaths": 1, "emulator faults": 1},
+        "package test": {"runs": 1, "boots": 2, "deaths": 1, "emulator faults": 0},
+    }
