@@ -478,14 +478,19 @@ def _name() -> _Field:
 
 
 def _interface_name() -> _Field:
-    # The kernel's dev_valid_name(): at most IFNAMSIZ-1 bytes, no '/', ':' or space.
+    # The kernel's dev_valid_name(): at most IFNAMSIZ-1 bytes, no '/', ':' or space; and no
+    # control characters, which the kernel allows but logs and tables would garble.
     def convert(value: Any) -> str:
         text = _text(value)
         if (not re.fullmatch(r"[^/:\s]+", text) or len(text.encode()) > 15
-                or text in (".", "..")):
+                or text in (".", "..") or _CONTROL.search(text)):
             raise _Invalid("bad interface name")
         return text
-    return _scalar("an interface name of 1 to 15 bytes without '/', ':' or spaces", convert)
+    return _scalar("an interface name of 1 to 15 bytes without '/', ':', spaces or control characters", convert)
+
+
+# C0 and C1 control characters and DEL: they garble the log lines and tables a value ends in.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _absolute_path(max_bytes: int | None = None) -> _Field:
@@ -493,6 +498,8 @@ def _absolute_path(max_bytes: int | None = None) -> _Field:
         text = _text(value)
         if not text.startswith("/") or "\0" in text:
             raise _Invalid("not an absolute path")
+        if _CONTROL.search(text):
+            raise _Invalid("control character in path")
         if max_bytes is not None and len(text.encode()) > max_bytes:
             raise _Invalid("path too long")
         return text
