@@ -64,6 +64,8 @@ for p in python3-bpfcc python3-pyroute2 python3-yaml python3-prometheus-client i
   dpkg-query -W -f='${Status}' "$p" | grep -q "ok installed" || fail "$p was not installed"
 done
 grep -q "^Setting up ipvslb " /tmp/apt-install.log || fail "ipvslb not set up"
+# The headers are there: postinst must not ask for them.
+if grep -q "headers of the running kernel" /tmp/apt-install.log; then fail "postinst asks for headers that are installed"; fi
 pass "$(grep -c '^Setting up' /tmp/apt-install.log) packages set up in $(( $(date +%s) - started )) s"
 
 step service-started
@@ -72,7 +74,11 @@ systemctl is-enabled -q ipvslb || fail "not enabled"
 systemctl is-active -q ipvslb || fail "not active: $(systemctl show -p ActiveState,SubState,Result ipvslb | tr '\n' ' ')"
 [ "$(systemctl show -p Type --value ipvslb)" = notify ] || fail "not Type=notify"
 journalctl -u ipvslb --no-pager | grep "tracer compiled" | tail -1
-pass "$(systemctl show -p MainPID --value ipvslb)"
+# The unit's bounds hold and the running daemon is within them.
+[ "$(systemctl show -p MemoryMax --value ipvslb)" = 1073741824 ] || fail "MemoryMax is not 1G"
+[ "$(systemctl show -p TasksMax --value ipvslb)" = 64 ] || fail "TasksMax is not 64"
+usage="memory $(systemctl show -p MemoryCurrent --value ipvslb) B (peak $(systemctl show -p MemoryPeak --value ipvslb 2>/dev/null)), tasks $(systemctl show -p TasksCurrent --value ipvslb)"
+pass "$(systemctl show -p MainPID --value ipvslb); $usage"
 
 step status
 ipvslb status || fail "ipvslb status"
@@ -199,6 +205,10 @@ systemctl stop ipvslb
 build=/lib/modules/$release/build
 mv "$build" "$build.moved"
 systemctl start ipvslb 2>/dev/null && { mv "$build.moved" "$build"; fail "started without headers"; }
+# postinst, as apt runs it, names the package of the running kernel's headers.
+note=$(/var/lib/dpkg/info/ipvslb.postinst configure 2>&1 | grep "^ipvslb: " || true)
+echo "$note"
+echo "$note" | grep -q "apt install linux-headers-$release\$" || { mv "$build.moved" "$build"; fail "postinst does not name linux-headers-$release"; }
 mv "$build.moved" "$build"
 sleep 1
 line=$(journalctl -u ipvslb --no-pager -o cat | grep "cannot start" | tail -1)
