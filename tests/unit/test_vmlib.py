@@ -5,6 +5,7 @@ handling (pipes, process groups, kills) is what runs."""
 import argparse
 import importlib.machinery
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -299,3 +300,43 @@ def test_the_census_counts_boots_deaths_and_emulator_faults_per_launcher(tmp_pat
         "kernel tests": {"runs": 2, "boots": 3, "deaths": 1, "emulator faults": 1},
         "package test": {"runs": 1, "boots": 2, "deaths": 1, "emulator faults": 0},
     }
+
+
+def fake_molecule(tmp_path, monkeypatch, *deaths):
+    """`molecule` on PATH: each run records the next of `deaths` (a console, or None) the
+    way the watcher does, and fails if it recorded one."""
+    monkeypatch.setattr(vmlib, "RESULTS", tmp_path / "results")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    runs = []
+    for n, console in enumerate(deaths):
+        logs = tmp_path / "results" / "molecule-ipvslb-6-1"
+        record = ""
+        if console is not None:
+            died = vmlib.death(console)
+            (tmp_path / f"died{n}.json").write_text(json.dumps({"crash": died.crash, "fault": died.fault}))
+            record = f"cp {tmp_path}/died{n}.json {logs}/guest-died.json; exit 1"
+        runs.append(f"{n}) mkdir -p {logs}; {record} ;;")
+    script(bin_dir / "molecule", f"""n=$(cat {tmp_path}/count 2>/dev/null || echo 0)
+echo $((n + 1)) > {tmp_path}/count
+case $n in
+{chr(10).join(runs)}
+esac
+exit 0
+""")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return lambda: molecule_vm.test(argparse.Namespace(scenario="kernel-6.1"))
+
+
+def test_molecule_runs_a_scenario_once_more_after_an_emulator_fault(tmp_path, monkeypatch, capsys):
+    assert fake_molecule(tmp_path, monkeypatch, EMULATOR, None)() == 0
+    said = capsys.readouterr().err
+    assert "molecule kernel-6.1: passed [first run died of an emulator fault (Oops: int3" in said
+    assert f"its log: {tmp_path}/results/molecule-ipvslb-6-1.1)" in said
+    assert (tmp_path / "count").read_text() == "2\n"
+
+
+def test_molecule_fails_at_once_on_the_guests_own_death(tmp_path, monkeypatch, capsys):
+    assert fake_molecule(tmp_path, monkeypatch, OWN_OOPS, None)() == 1
+    assert "FAILED (guest kernel died: BUG: kernel NULL pointer dereference" in capsys.readouterr().err
+    assert (tmp_path / "count").read_text() == "1\n"
