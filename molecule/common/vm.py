@@ -103,7 +103,7 @@ def up(args: argparse.Namespace) -> int:
     (root / "etc/hostname").write_text(f"{args.name}\n")
     log(f"fresh root {root} in {time.monotonic() - t:.0f} s")
 
-    logs = kernels.CACHE / "results" / f"molecule-{args.name}"  # kept after `down`
+    logs = vmlib.RESULTS / f"molecule-{args.name}"  # kept after `down`
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     # The test bed's one-VM-at-a-time lock (.cache/results/.vm.lock, the file run_vm.py and
