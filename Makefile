@@ -9,7 +9,7 @@ KERNELS ?= 6.1 6.12
 
 .PHONY: check setup venv kernels test test-unit test-kernel demo smoke-demo clean
 
-check: setup lint-ansible test-collection test test-package
+check: setup lint-ansible test-collection test check-monitoring test-package
 
 setup: venv kernels
 
@@ -41,6 +41,19 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- Monitoring: the alert rules through promtool, taken from Debian's prometheus package
+# unpacked into .cache (installing the package would also start a Prometheus server).
+.PHONY: check-monitoring
+PROMTOOL := .cache/prometheus/usr/bin/promtool
+
+$(PROMTOOL):
+	rm -rf .cache/prometheus && mkdir -p .cache/prometheus
+	cd .cache/prometheus && { apt-get download prometheus 2>/dev/null || { apt-get update -q && apt-get download prometheus; }; } \
+	  && dpkg-deb -x prometheus_*.deb . && rm prometheus_*.deb
+
+check-monitoring: $(PROMTOOL)
+	$(PROMTOOL) check rules monitoring/alerts.yml
 
 # --- Packages. Build tools come from packaging/setup-build-deps (run by these targets), not
 # from setup-host. packaging/deb/README and docs/install.md explain.

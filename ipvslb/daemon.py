@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import __version__, config, events, health, probe, status, systemd, udpwatch
+from ipvslb import __version__, config, events, health, metrics, probe, status, systemd, udpwatch
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
@@ -61,6 +61,10 @@ class Daemon:
         # status and tests can measure evidence-to-weight latency.
         self.weight_history: dict[tuple, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=32))
+        # (service key, backend) -> the timed connects' histogram, for metrics.
+        self.connect_times: dict[tuple, metrics.ConnectTimes] = collections.defaultdict(metrics.ConnectTimes)
+        self.reloads: collections.Counter[str] = collections.Counter()
+        self.last_reload_success = time.time()  # the configuration in force: loaded at start
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -162,6 +166,8 @@ class Daemon:
             svc = self._service_for(event.protocol, event.vip)
             found = health.evidence_from(event)
             if svc is not None and found is not None:
+                if isinstance(found, health.Established) and found.connect_time is not None:
+                    self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
                 self._act(svc, svc.feed(found, now))
         # After the records' actions: a refusal's weight 0 should not wait for the counts.
         # Health does not let a success end a failure streak that began after it (it
@@ -298,6 +304,7 @@ class Daemon:
         except config.ConfigError as err:
             for line in err.messages:
                 log.error("reload refused, nothing changed: %s", line)
+            self.reloads["failed"] += 1
             systemd.notify("READY=1", "STATUS=reload refused: invalid configuration")
             return
         if new.settings != self.cfg.settings:
@@ -306,6 +313,9 @@ class Daemon:
         now = time.monotonic()
         pending: list[tuple[health.ServiceHealth, list]] = []
         kept = {}
+        self.connect_times = collections.defaultdict(metrics.ConnectTimes, {
+            (s.key, b.key): self.connect_times[(s.key, b.key)] for s in new.services for b in s.backends
+            if (s.key, b.key) in self.connect_times})
         for svc in new.services:
             current = self.health.get(svc.key)
             if current is None:
@@ -322,6 +332,8 @@ class Daemon:
         for svc, actions in pending:
             self._act(svc, [a for a in actions if not isinstance(a, health.SetWeight)])
         self._schedule_tick()
+        self.reloads["ok"] += 1
+        self.last_reload_success = time.time()
         log.info("reloaded %s: %d services", self.config_path, len(new.services))
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
 
@@ -339,6 +351,8 @@ class Daemon:
             "records": dict(self.records),
             "counted_successes": self.counted_successes,
             "reconcile": vars(self.reconcile),
+            "reloads": dict(self.reloads),
+            "last_reload_success": self.last_reload_success,
             "services": [self._service_snapshot(svc) for svc in self.health.values()],
         }
 
@@ -347,6 +361,8 @@ class Daemon:
         keys = {format_endpoint(b.key): b.key for b in svc.service.backends}
         for row in doc["backends"]:
             row["weight_history"] = list(self.weight_history.get((svc.service.key, keys.get(row["endpoint"])), ()))
+            if hist := self.connect_times.get((svc.service.key, keys.get(row["endpoint"]))):
+                row["connect_seconds"] = hist.snapshot()
         return doc
 
     def _status_line(self) -> str:
@@ -423,8 +439,6 @@ class Daemon:
         if not address:
             return
         from prometheus_client import start_http_server
-
-        from ipvslb import metrics
 
         host, _, port = address.rpartition(":")
 

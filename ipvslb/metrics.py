@@ -3,10 +3,14 @@ so the two can never disagree. Names follow node_exporter's `node_ipvs_*` style 
 `ipvslb_` prefix; docs/metrics.md lists them."""
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from ipvslb import __version__
 
 STATES = ("healthy", "suspect", "quarantined", "probing", "ramping", "disabled")
 BACKEND_COUNTERS = {
@@ -15,6 +19,31 @@ BACKEND_COUNTERS = {
 }
 FAILURE_CLASSES = ("hard", "soft")
 PROBE_RESULTS = ("ok", "failed")
+RELOAD_OUTCOMES = ("ok", "failed")
+# Upper bounds in seconds: from a backend on the same link (100 us) to one whose SYN-ACK
+# needed a retransmitted SYN (1 s and more).
+CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0)
+
+
+class ConnectTimes:
+    """Histogram of one backend's timed connects, as plain data for the status snapshot:
+    cumulative bucket counts (the last one +Inf), count and sum."""
+
+    def __init__(self) -> None:
+        self._counts = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict:
+        cumulative, total = [], 0
+        for count in self._counts:
+            total += count
+            cumulative.append(total)
+        return {"buckets": cumulative, "sum": self.sum}
 
 
 class SnapshotCollector(Collector):
@@ -52,6 +81,22 @@ class SnapshotCollector(Collector):
                 for key, family in counters.items():
                     family.add_metric(lv, c.get(key, 0))
         yield from (state, weight, configured, failures, probes, *counters.values(), frozen)
+        yield _connect_seconds(doc)
+
+        build = GaugeMetricFamily("ipvslb_build_info", "1, labelled with the running daemon's version.",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        reloads = CounterMetricFamily("ipvslb_reloads", "Configuration reloads (SIGHUP) by outcome: failed is "
+                                      "a configuration refused, IPVS left as it was.", labels=["outcome"])
+        for outcome in RELOAD_OUTCOMES:
+            reloads.add_metric([outcome], doc.get("reloads", {}).get(outcome, 0))
+        yield reloads
+        if doc.get("last_reload_success") is not None:
+            last = GaugeMetricFamily("ipvslb_last_reload_success_timestamp_seconds",
+                                     "Unix time the configuration in force was loaded (start or reload).")
+            last.add_metric([], doc["last_reload_success"])
+            yield last
 
         lost = CounterMetricFamily("ipvslb_tracer_lost_records", "Tracer records lost to a full ring buffer.")
         lost.add_metric([], doc.get("lost_records", 0))
@@ -80,7 +125,25 @@ class SnapshotCollector(Collector):
         yield from (runs, writes, seconds)
 
 
+def _connect_seconds(doc: dict) -> HistogramMetricFamily:
+    family = HistogramMetricFamily("ipvslb_backend_connect_seconds",
+                                   "Timed client connects by the backend that answered: from the client's "
+                                   "SYN to the SYN-ACK.", labels=["service", "backend"])
+    bounds = [*(str(b) for b in CONNECT_BUCKETS), "+Inf"]
+    for svc in doc.get("services", []):
+        for b in svc.get("backends", []):
+            hist = b.get("connect_seconds")
+            if hist:
+                family.add_metric([svc["name"], b["endpoint"]], list(zip(bounds, hist["buckets"])), hist["sum"])
+    return family
+
+
 def registry_for(snapshot: Callable[[], dict]) -> CollectorRegistry:
+    """The snapshot's metrics, plus prometheus_client's standard process_* (CPU, memory, file
+    descriptors) and python_* (interpreter, garbage collector) collectors."""
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(snapshot))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
