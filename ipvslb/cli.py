@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     status = sub.add_parser("status", help="show services, backends, health states and weights of the running daemon")
-    status.add_argument("--socket", default=DEFAULT_STATUS_SOCKET, help=f"status socket (default {DEFAULT_STATUS_SOCKET})")
+    _add_daemon_options(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON document, for scripts")
     status.set_defaults(handler=_status)
 
@@ -47,6 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attribute backends from /proc/net/ip_vs_conn instead of the ip_vs_conn_new kprobe")
     events.set_defaults(handler=_events)
     return parser
+
+
+def _add_daemon_options(command: argparse.ArgumentParser) -> None:
+    """--config and --socket, for the commands that talk to a running daemon."""
+    command.add_argument("--config", default=DEFAULT_CONFIG,
+                         help=f"the daemon's configuration, whose settings.status_socket is used (default {DEFAULT_CONFIG})")
+    command.add_argument("--socket", help="status socket, instead of the one the configuration sets "
+                         f"(its default: {DEFAULT_STATUS_SOCKET})")
+
+
+def _daemon_socket(args: argparse.Namespace) -> str | None:
+    """The socket given with --socket, else the one --config's file sets; None after a
+    one-line error when that file does not load."""
+    if args.socket:
+        return args.socket
+    from ipvslb import config
+
+    try:
+        return config.load(args.config).settings.status_socket
+    except config.ConfigError as err:
+        more = len(err.messages) - 1
+        rest = f" (and {more} more: `ipvslb check-config {args.config}`)" if more else ""
+        print(f"ipvslb: cannot take the status socket from the configuration (or pass --socket): "
+              f"{err.messages[0]}{rest}", file=sys.stderr)
+        return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -71,6 +96,9 @@ def _status(args: argparse.Namespace) -> int:
 
     from ipvslb import status
 
+    args.socket = _daemon_socket(args)
+    if args.socket is None:
+        return 1
     try:
         doc = status.fetch(args.socket)
         text = json.dumps(doc, indent=2) if args.json else status.render(doc)
