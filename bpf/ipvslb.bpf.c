@@ -2,7 +2,7 @@
 // ipvslb connection tracer, loaded by ipvslb/tracer.py with bcc.
 //
 // Reports the fate of every TCP connect to a managed VIP:port and the real backend IPVS
-// chose for it. Only sockets whose destination is in `vips` are tracked: any other
+// chose for it, and the ICMP unreachables backends send for UDP flows to a VIP. Only sockets whose destination is in `vips` are tracked: any other
 // connection costs a read of its remote port and an array read (or, if its remote port is a
 // VIP's, one hash lookup) and emits nothing.
 //
@@ -16,7 +16,8 @@
 // RINGBUF_PAGES (power of two), and the offsets in struct sock of the fields read:
 // SKC_DADDR, SKC_RCV_SADDR, SKC_DPORT, SKC_FAMILY, SKC_STATE, SKC_V6_DADDR,
 // SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT, and SK_HEAD_LEN, the length of the struct's
-// head that holds the first five (see ipvslb/tracer.py).
+// head that holds the first five (see ipvslb/tracer.py); SKB_HEAD and SKB_NETWORK_HEADER in
+// struct sk_buff.
 #include <uapi/linux/ptrace.h>
 
 #ifndef CAPACITY
@@ -32,6 +33,11 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4     // path MTU discovery, not a failure
+#define ICMPV6_DEST_UNREACH 1  // (ICMPv6's "packet too big" is a type of its own)
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
@@ -48,6 +54,7 @@ enum record_kind {
     // Established, learned late: the kernel skipped this program at the transition (see
     // missed_established). The connect succeeded; how long it took is unknown.
     ESTABLISHED_UNTIMED = 8,
+    UNREACHABLE = 9,      // ICMP destination unreachable from the backend of a UDP flow
 };
 
 union nf_inet_addr { u32 all[4]; };
@@ -118,7 +125,7 @@ struct pair_stats {
     u64 last_counted_ns;  // when the last of them was established
 };
 
-// Fixed layout decoded by ipvslb/tracer.py (struct format "<QQQ16s16s16sHHHHBBBBI").
+// Fixed layout decoded by ipvslb/events.py (RECORD, "<QQQ16s16s16sHHHHBBBBB3x").
 struct record {
     u64 ts;
     u64 sock;
@@ -134,7 +141,8 @@ struct record {
     u8 family;
     u8 protocol;
     u8 bfamily;
-    u32 pad;
+    u8 icmp_code;         // UNREACHABLE: the ICMP (IPv4) or ICMPv6 code
+    u8 pad[3];
 };
 
 BPF_HASH(vips, struct vip_key, u8, 4096);
@@ -573,4 +581,98 @@ int trace_ip_vs_conn_new(struct pt_regs *ctx, const struct ip_vs_conn_param *p, 
     r->protocol = t.protocol;
     commit(r, 0);
     return 0;
+}
+
+// The head of struct ip_vs_conn (include/net/ip_vs.h), unchanged from 4.x to 6.x.
+struct ip_vs_conn_head {
+    void *c_list[2];
+    __be16 cport;
+    __be16 dport;
+    __be16 vport;
+    u16 af;
+    union nf_inet_addr caddr;
+    union nf_inet_addr vaddr;
+    union nf_inet_addr daddr;
+    u32 flags;
+    u16 protocol;
+    u16 daf;
+};
+
+// IPVS rewrites an ICMP error that answers a flow it forwarded (ip_vs_out_icmp, inout = 1:
+// coming back from the backend) so that the client sees it come from the VIP; `cp` is that
+// flow, so the backend is known for sure. An error IPVS generates itself (no destination)
+// has no flow and never comes here. Attached by the loader, for IPv4 and IPv6.
+static __always_inline void copy_addr(u8 *to, const union nf_inet_addr *from, u16 family) {
+    __builtin_memcpy(to, from, 4);
+    if (family != AF_INET)
+        __builtin_memcpy(to + 4, (const u8 *)from + 4, 12);
+}
+
+static __always_inline int report_unreachable(const struct ip_vs_conn_head *cp, u8 code) {
+    struct ip_vs_conn_head c = {};
+    bpf_probe_read_kernel(&c, sizeof(c), cp);
+    if (c.protocol != PROTO_UDP)
+        return 0;
+    struct vip_key key = {};
+    copy_addr(key.addr, &c.vaddr, c.af);
+    key.port = bpf_ntohs(c.vport);
+    key.protocol = PROTO_UDP;
+    key.family = c.af;
+    if (!vips.lookup(&key))
+        return 0;
+    struct record *r = new_record(UNREACHABLE, 0, 0, bpf_ktime_get_ns());
+    if (!r)
+        return 0;
+    copy_addr(r->caddr, &c.caddr, c.af);
+    __builtin_memcpy(r->vaddr, key.addr, 16);
+    copy_addr(r->baddr, &c.daddr, c.daf);
+    r->cport = bpf_ntohs(c.cport);
+    r->vport = key.port;
+    r->bport = bpf_ntohs(c.dport);
+    r->family = c.af;
+    r->bfamily = c.daf;
+    r->protocol = PROTO_UDP;
+    r->icmp_code = code;
+    commit(r, 1);
+    return 0;
+}
+
+static __always_inline u8 *network_header(u64 skb) {
+    u64 head = 0;
+    u16 offset = 0;
+    bpf_probe_read_kernel(&head, sizeof(head), (void *)(skb + SKB_HEAD));
+    bpf_probe_read_kernel(&offset, sizeof(offset), (void *)(skb + SKB_NETWORK_HEADER));
+    return (u8 *)(head + offset);
+}
+
+// void ip_vs_nat_icmp(struct sk_buff *skb, struct ip_vs_protocol *pp, struct ip_vs_conn *cp,
+//                     int inout): the outer IPv4 header is at the network header.
+int trace_ip_vs_nat_icmp(struct pt_regs *ctx, u64 skb, void *pp, const struct ip_vs_conn_head *cp,
+                         int inout) {
+    if (!inout)
+        return 0;
+    u8 *ip = network_header(skb);
+    u8 ihl = 0;
+    bpf_probe_read_kernel(&ihl, 1, ip);
+    u8 icmp[2] = {};  // type, code
+    bpf_probe_read_kernel(icmp, 2, ip + (ihl & 0xf) * 4);
+    if (icmp[0] != ICMP_DEST_UNREACH || icmp[1] == ICMP_FRAG_NEEDED)
+        return 0;
+    return report_unreachable(cp, icmp[1]);
+}
+
+// The same for IPv6: an ICMPv6 header right after the fixed header (an error that carries
+// extension headers before it is not looked at).
+int trace_ip_vs_nat_icmp_v6(struct pt_regs *ctx, u64 skb, void *pp, const struct ip_vs_conn_head *cp,
+                            int inout) {
+    if (!inout)
+        return 0;
+    u8 *ip6 = network_header(skb);
+    u8 next = 0;
+    bpf_probe_read_kernel(&next, 1, ip6 + 6);
+    u8 icmp[2] = {};
+    bpf_probe_read_kernel(icmp, 2, ip6 + 40);
+    if (next != PROTO_ICMPV6 || icmp[0] != ICMPV6_DEST_UNREACH)
+        return 0;
+    return report_unreachable(cp, icmp[1]);
 }

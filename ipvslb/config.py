@@ -40,6 +40,8 @@ MAX_FILE_BYTES = 2 << 20
 MAX_MESSAGES = 50
 # Names end up in log lines, metrics labels and status tables.
 MAX_NAME_CHARS = 64
+# A UDP probe is one datagram; 512 bytes fits any path without fragments.
+MAX_PROBE_BYTES = 512
 # Characters of an integer literal; 64 bits take at most 67 ("-0b" and 64 digits). Longer
 # ones are refused before conversion, which is slow (or a ValueError) for thousands of digits.
 MAX_INTEGER_CHARS = 100
@@ -566,6 +568,35 @@ def _section(cls: type, spec: dict[str, _Field],
     return _Field(check, "a mapping with keys " + ", ".join(spec))
 
 
+def _probe_bytes() -> _Field:
+    """Bytes for a UDP probe, written as a string whose characters are the bytes ("\\x00" to
+    "\\xff" escapes in a double-quoted YAML string)."""
+    def convert(value: Any) -> str | None:
+        if value is None:
+            return None
+        text = _text(value)
+        if not text:
+            raise _Invalid("empty")
+        if max(map(ord, text)) > 0xFF:
+            raise _Invalid("a character beyond \\xff")
+        if len(text) > MAX_PROBE_BYTES:
+            raise _Invalid("too long")
+        return text
+    return _scalar(f"a string of 1 to {MAX_PROBE_BYTES} characters from \\x00 to \\xff (one byte each), or null",
+                   convert)
+
+
+def _dns_name() -> _Field:
+    def convert(value: Any) -> str:
+        text = _text(value)
+        labels = text.rstrip(".").split(".") if text != "." else []
+        if (not text or len(text.rstrip(".")) > 253
+                or not all(re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels)):
+            raise _Invalid("not a DNS name")
+        return text
+    return _scalar("a DNS name such as example.com or '.' (labels of letters, digits, '-' and '_')", convert)
+
+
 def _backoff_in_order(health: dict[str, Any], path: str, report: _Report) -> bool:
     initial, maximum = health.get("probe_backoff_initial"), health.get("probe_backoff_max")
     if initial is None or maximum is None or maximum >= initial:
@@ -595,6 +626,9 @@ _HEALTH = {
     "slow_start_initial_fraction": _fraction(),
     "probation": _duration(),
     "udp_reply_window": _duration(),
+    "udp_probe_payload": _probe_bytes(),
+    "udp_probe_expect": _probe_bytes(),
+    "dns_probe_name": _dns_name(),
 }
 
 _SYSCTLS = {

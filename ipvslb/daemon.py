@@ -16,7 +16,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import __version__, config, events, health, metrics, probe, status, systemd, udpwatch
+from ipvslb import (__version__, config, events, health, metrics, probe, status, systemd, udprequest,
+                    udpwatch)
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
@@ -165,6 +166,10 @@ class Daemon:
             self.records[event.kind.label] += 1
             svc = self._service_for(event.protocol, event.vip)
             found = health.evidence_from(event)
+            if event.kind is events.Kind.UNREACHABLE and event.backend is not None:
+                # Only the backend's own ICMP reaches this record (the tracer never reports
+                # IPVS's), so it is the hard failure health.py's contract allows.
+                found = health.UdpUnreachable(event.backend, event.ts, events.unreachable_reason(event))
             if svc is not None and found is not None:
                 if isinstance(found, health.Established) and found.connect_time is not None:
                     self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
@@ -261,13 +266,17 @@ class Daemon:
                 _emit(lines)
 
     async def _watch_udp(self) -> None:
-        """Feed UDP services with evidence from IPVS's packet counters, once per window."""
-        previous: dict[tuple, dict] = {}
+        """Feed UDP services with evidence from IPVS's packet counters, read `udpwatch.STEPS`
+        times per reply window (the shortest of the services')."""
+        watches: dict[tuple, udpwatch.ReplyWatch] = {}
         while True:
             udp = [svc for svc in self.health.values()
                    if svc.service.protocol == "udp" and svc.settings.enabled]
-            window = min((svc.settings.udp_reply_window for svc in udp), default=1.0)
-            await asyncio.sleep(window)
+            for svc in udp:
+                window = svc.settings.udp_reply_window
+                if svc.service.key not in watches or watches[svc.service.key].window != window:
+                    watches[svc.service.key] = udpwatch.ReplyWatch(window)
+            await asyncio.sleep(min((watches[svc.service.key].interval for svc in udp), default=0.25))
             now = time.monotonic()
             for svc in udp:
                 try:
@@ -277,9 +286,8 @@ class Daemon:
                     continue
                 current = {(ip(d.spec.address), d.spec.port): (d.stats.inpkts, d.stats.outpkts)
                            for d in dests if d.stats is not None}
-                for evidence in udpwatch.judge(previous.get(svc.service.key, {}), current, now):
+                for evidence in watches[svc.service.key].judge(current, now):
                     self._act(svc, svc.feed(evidence, now))
-                previous[svc.service.key] = current
             self._schedule_tick()
 
     async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float,
@@ -287,7 +295,8 @@ class Daemon:
         if started is not None:
             outcome = await started.result(timeout)
         else:
-            outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout)
+            request = udprequest.for_service(svc.service, self.rng.getrandbits(16))
+            outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout, request)
         if self.health.get(svc.service.key) is not svc:
             return  # the service was reloaded away while the probe ran
         now = time.monotonic()
@@ -380,8 +389,9 @@ class Daemon:
         if problem := preflight.settings_problem(self.cfg.settings):
             raise StartupError(problem)
         self._open_kernel()
-        log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s", __version__,
-                 self.tracer.compile_seconds, self.tracer.attribution)
+        log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s, UDP unreachables: %s",
+                 __version__, self.tracer.compile_seconds, self.tracer.attribution,
+                 "traced" if self.tracer.udp_unreachables else "not traced (no kprobes)")
         # After the compile (seconds of CPU that should not outrank the host's own work) and
         # before the status and metrics threads start (threads inherit it).
         set_nice(self.cfg.settings.nice)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ipvslb.model import IPAddress
 
-RECORD = struct.Struct("<QQQ16s16s16sHHHHBBBBI")
+RECORD = struct.Struct("<QQQ16s16s16sHHHHBBBBB3x")
 # A record as it sits in the BPF ring buffer: an 8-byte header (length, page offset) first.
 RING_SLOT = struct.Struct("<8x" + RECORD.format.lstrip("<"))
 AF_INET, AF_INET6 = 2, 10
@@ -32,6 +32,9 @@ class Kind(enum.IntEnum):
     # The connect succeeded; `elapsed` is the time until it was seen, only an upper bound
     # of the connect time, which health therefore does not use.
     ESTABLISHED_UNTIMED = 8
+    # An ICMP (IPv4) or ICMPv6 destination unreachable that the backend of a UDP flow to a
+    # VIP sent back (IPVS's own errors, with no backend, are never reported): `icmp_code`.
+    UNREACHABLE = 9
 
     @property
     def label(self) -> str:
@@ -62,6 +65,7 @@ class ConnEvent(NamedTuple):
     backend: Endpoint | None
     retransmits: int = 0
     elapsed: float = 0.0
+    icmp_code: int = 0
 
     def with_backend(self, backend: Endpoint | None) -> "ConnEvent":
         return self._replace(backend=backend)
@@ -73,10 +77,30 @@ class ConnEvent(NamedTuple):
             extra = f" after={self.elapsed * 1000:.1f}ms"
         elif self.kind is Kind.ESTABLISHED_UNTIMED:
             extra = f" seen-after={self.elapsed * 1000:.1f}ms"
+        elif self.kind is Kind.UNREACHABLE:
+            extra = f" icmp={unreachable_reason(self)}"
         if self.retransmits:
             extra += f" retransmits={self.retransmits}"
         return (f"{self.ts:.6f} {self.kind.label:<15} {self.protocol} {format_endpoint(self.client)} -> "
                 f"{format_endpoint(self.vip)} via {backend}{extra}")
+
+
+# Destination unreachable codes (RFC 792 and 1812; RFC 4443). Fragmentation needed (IPv4 code
+# 4, path MTU discovery) is no failure and not reported.
+ICMP_UNREACHABLE = {0: "net unreachable", 1: "host unreachable", 2: "protocol unreachable",
+                    3: "port unreachable", 5: "source route failed", 6: "net unknown", 7: "host unknown",
+                    9: "net prohibited", 10: "host prohibited", 11: "net unreachable for TOS",
+                    12: "host unreachable for TOS", 13: "administratively prohibited"}
+ICMPV6_UNREACHABLE = {0: "no route", 1: "administratively prohibited", 2: "beyond scope of source address",
+                      3: "address unreachable", 4: "port unreachable", 5: "source address failed policy",
+                      6: "reject route"}
+
+
+def unreachable_reason(event: ConnEvent) -> str:
+    """What an UNREACHABLE record's code says, e.g. "ICMP port unreachable"."""
+    if event.backend is not None and event.backend[0].version == 6:
+        return "ICMPv6 " + ICMPV6_UNREACHABLE.get(event.icmp_code, f"unreachable code {event.icmp_code}")
+    return "ICMP " + ICMP_UNREACHABLE.get(event.icmp_code, f"unreachable code {event.icmp_code}")
 
 
 def format_endpoint(endpoint: Endpoint) -> str:
@@ -115,12 +139,12 @@ _new_tuple = tuple.__new__
 
 def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, baddr: bytes, cport: int,
            vport: int, bport: int, retransmits: int, kind: int, family: int, protocol: int,
-           bfamily: int, _pad: int) -> ConnEvent:
+           bfamily: int, icmp_code: int) -> ConnEvent:
     """One record, every code checked: the path for records decode_slots' fast path refuses."""
     return ConnEvent(
         Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol, str(protocol)),
         (_address(caddr, family), cport), (_address(vaddr, family), vport),
-        (_address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9,
+        (_address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9, icmp_code,
     )
 
 
@@ -134,9 +158,9 @@ def decode_slots(data: bytes) -> list[ConnEvent]:
         return [new(ConnEvent, (kinds[kind], ts / 1e9, sock, protocols[protocol],
                                 (addresses[family][caddr], cport), (addresses[family][vaddr], vport),
                                 (addresses[bfamily][baddr], bport) if bfamily else None,
-                                retransmits, elapsed_ns / 1e9))
+                                retransmits, elapsed_ns / 1e9, icmp_code))
                 for (ts, sock, elapsed_ns, caddr, vaddr, baddr, cport, vport, bport, retransmits,
-                     kind, family, protocol, bfamily, _pad) in RING_SLOT.iter_unpack(data)]
+                     kind, family, protocol, bfamily, icmp_code) in RING_SLOT.iter_unpack(data)]
     except (KeyError, IndexError, TypeError):
         return [_event(*fields) for fields in RING_SLOT.iter_unpack(data)]
 

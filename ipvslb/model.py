@@ -44,6 +44,12 @@ class HealthSettings:
     probation: float = 30.0
     # UDP: requests without a reply inside this window are a soft failure.
     udp_reply_window: float = 1.0
+    # What a UDP probe sends (one byte per character, \x00-\xff), and what the reply must
+    # contain (None: any reply). None: a DNS query on port 53, a newline elsewhere.
+    udp_probe_payload: str | None = None
+    udp_probe_expect: str | None = None
+    # The name whose NS records a DNS probe asks for (services on port 53).
+    dns_probe_name: str = "."
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from ipvslb import udprequest
 from ipvslb.model import IPAddress
 
 
@@ -104,31 +105,40 @@ async def probe_tcp(address: IPAddress, port: int, timeout: float) -> ProbeOutco
     return await TcpProbe(address, port).result(timeout)
 
 
-async def probe_udp(address: IPAddress, port: int, timeout: float, payload: bytes = b"\n") -> ProbeOutcome:
-    """Send one datagram on a connected socket. An ICMP unreachable comes back as
-    ECONNREFUSED and fails the probe; a reply or silence passes it, since many UDP services
-    do not answer arbitrary payloads and silence is no evidence of failure."""
+async def probe_udp(address: IPAddress, port: int, timeout: float,
+                    request: udprequest.UdpRequest) -> ProbeOutcome:
+    """Send one request on a connected socket and wait for a reply that `request` accepts.
+    Silence fails the probe, like a reply it does not accept; an ICMP unreachable comes
+    back as ECONNREFUSED (or another errno) and fails it at once."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     sock = socket.socket(_family(address), socket.SOCK_DGRAM)
     sock.setblocking(False)
     try:
-        sock.connect((str(address), port))
-        sock.send(payload)
-        async with asyncio.timeout(timeout):
-            await loop.sock_recv(sock, 65535)
-        return ProbeOutcome(True, "reply", time.monotonic() - started)
-    except asyncio.TimeoutError:
-        return ProbeOutcome(True, "no reply, no ICMP error", time.monotonic() - started)
-    except OSError as err:
-        return ProbeOutcome(False, _describe(err), time.monotonic() - started)
+        try:
+            sock.connect((str(address), port))
+            sock.send(request.payload)
+        except OSError as err:
+            return failure(err, time.monotonic() - started, immediate=True)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await loop.sock_recv(sock, 65535)
+        except TimeoutError:
+            return ProbeOutcome(False, f"no reply within {timeout * 1000:.0f} ms", time.monotonic() - started)
+        except OSError as err:  # the ICMP error the request drew
+            return failure(err, time.monotonic() - started, immediate=False)
+        wrong = request.judge(reply)
+        return ProbeOutcome(wrong is None, wrong or request.what, time.monotonic() - started)
     finally:
         sock.close()
 
 
-async def probe(protocol: str, address: IPAddress, port: int, timeout: float) -> ProbeOutcome:
+async def probe(protocol: str, address: IPAddress, port: int, timeout: float,
+                udp: udprequest.UdpRequest | None = None) -> ProbeOutcome:
+    """`udp`: what a UDP probe sends and accepts (udprequest.for_service)."""
     if protocol == "udp":
-        return await probe_udp(address, port, timeout)
+        return await probe_udp(address, port, timeout, udp or udprequest.UdpRequest(
+            udprequest.DEFAULT_PAYLOAD, udprequest.payload_verdict(None), "reply"))
     return await probe_tcp(address, port, timeout)
 
 

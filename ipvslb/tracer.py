@@ -20,6 +20,8 @@ from ipvslb.model import IPAddress, TracerSettings
 __all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
 
 KPROBE = b"ip_vs_conn_new"
+# Where IPVS rewrites an ICMP error coming back from a backend: the UDP unreachables.
+ICMP_KPROBES = {b"ip_vs_nat_icmp": b"trace_ip_vs_nat_icmp", b"ip_vs_nat_icmp_v6": b"trace_ip_vs_nat_icmp_v6"}
 
 
 class TracerUnavailable(RuntimeError):
@@ -88,11 +90,27 @@ def layout_flags(structs: dict[str, dict[str, btf.Field]]) -> list[str]:
     return flags
 
 
+# The fields of struct sk_buff the ICMP kprobes read to find the error's type and code.
+SKB_FIELDS = {"SKB_HEAD": ("head", 8), "SKB_NETWORK_HEADER": ("network_header", 2)}
+
+
+def skb_flags(fields: dict[str, btf.Field]) -> list[str]:
+    """-D flags with the offsets of SKB_FIELDS, from the kernel's fields of struct sk_buff."""
+    flags = []
+    for macro, (name, size) in SKB_FIELDS.items():
+        field = fields.get(name)
+        if field is None or field.size != size or field.bitfield:
+            raise TracerUnavailable(f"struct sk_buff.{name} is not a field of {size} bytes in this kernel's BTF")
+        flags.append(f"-D{macro}={field.offset}")
+    return flags
+
+
 def sock_layout() -> list[str]:
-    """layout_flags() for the running kernel."""
+    """layout_flags() and skb_flags() for the running kernel."""
     try:
         with btf.KernelTypes() as types:
-            return layout_flags({struct: types.fields(struct) for struct in ("sock", "sock_common", "inet_sock")})
+            return (layout_flags({struct: types.fields(struct) for struct in ("sock", "sock_common", "inet_sock")})
+                    + skb_flags(types.fields("sk_buff")))
     except btf.BtfUnavailable as err:
         raise TracerUnavailable(str(err)) from err
 
@@ -145,6 +163,8 @@ class Tracer:
             raise TracerUnavailable(f"cannot load the BPF program: {err}") from err
         self.compile_seconds = time.monotonic() - started
         self.attribution = "none"
+        # Whether ICMP unreachables from UDP backends are reported (kprobes, like attribution).
+        self.udp_unreachables = False
         if use_kprobe:
             self._attach_kprobe()
         else:
@@ -175,6 +195,12 @@ class Tracer:
             self.use_conntable()
             return
         self.attribution = "kprobe"
+        for event, fn in ICMP_KPROBES.items():
+            try:
+                self.bpf.attach_kprobe(event=event, fn_name=fn)
+            except Exception:  # missing (IPVS without IPv6): UDP keeps the reply window and probes
+                continue
+            self.udp_unreachables = True
 
     def use_conntable(self) -> None:
         """Attribute backends from the IPVS connection table instead of the kprobe."""

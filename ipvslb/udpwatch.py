@@ -1,31 +1,69 @@
-"""UDP evidence from IPVS's per-destination packet counters (pure).
+"""UDP evidence from IPVS's per-destination packet counters (pure: counters and times in).
 
 UDP has no handshake for the tracer to watch, but IPVS counts packets both ways for each
-destination: requests going in with nothing coming back during a window is a soft failure,
-anything coming back is a success. ICMP errors that IPVS itself generates (no usable
-destination) never reach these counters, so they are never held against a backend.
+destination. The daemon reads the counters `STEPS` times per `udp_reply_window`; a backend
+that has been sent packets and sent none back for a whole window since is a soft failure,
+anything coming back is a success. The window is measured from the first reading that saw
+a packet go out unanswered, so a backend that stops replying is judged one window (and one
+reading) after the first request it leaves unanswered, whatever the phase of the readings.
+
+ICMP errors that IPVS itself generates (no usable destination) never reach these counters.
+An ICMP error the backend sends is counted as a packet from it, like a reply: the tracer
+reports it separately, as an unreachable (a hard failure).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ipvslb import health
+
+# Readings per reply window: a silent backend is judged at most window / STEPS late.
+STEPS = 4
 
 # backend key -> (packets to the backend, packets from the backend), IPVS's cumulative counters
 Counters = Mapping[health.BackendKey, tuple[int, int]]
 
 
-def judge(previous: Counters, current: Counters, t: float) -> list[health.Evidence]:
-    evidence: list[health.Evidence] = []
-    for backend, (inpkts, outpkts) in current.items():
-        if backend not in previous:
-            continue  # first sight (or the counters were reset): no window to judge yet
-        sent = inpkts - previous[backend][0]
-        received = outpkts - previous[backend][1]
-        if sent < 0 or received < 0:
-            continue
-        if received > 0:
-            evidence.append(health.UdpReplied(backend, t))
-        elif sent > 0:
-            evidence.append(health.UdpNoReply(backend, t, f"{sent} packets sent, none came back"))
-    return evidence
+@dataclass
+class _Backend:
+    sent: int
+    received: int
+    # When a reading first saw packets go out with nothing back since; None while answered.
+    unanswered_since: float | None = None
+    unanswered: int = 0
+
+
+class ReplyWatch:
+    """The counters of one UDP service, read every `window / STEPS` seconds."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._backends: dict[health.BackendKey, _Backend] = {}
+
+    @property
+    def interval(self) -> float:
+        return self.window / STEPS
+
+    def judge(self, current: Counters, t: float) -> list[health.Evidence]:
+        evidence: list[health.Evidence] = []
+        known = self._backends
+        self._backends = {}
+        for backend, (sent, received) in current.items():
+            b = known.get(backend)
+            self._backends[backend] = now = _Backend(sent, received)
+            if b is None or sent < b.sent or received < b.received:
+                continue  # first sight, or the counters were reset: nothing to compare yet
+            if received > b.received:
+                # A reply may answer a request sent in this same step: nothing is pending.
+                evidence.append(health.UdpReplied(backend, t))
+                continue
+            now.unanswered_since, now.unanswered = b.unanswered_since, b.unanswered + sent - b.sent
+            if now.unanswered_since is None and sent > b.sent:
+                now.unanswered_since = t  # sent at the latest now: the window starts here
+            if now.unanswered_since is not None and t - now.unanswered_since >= self.window - 1e-9:
+                evidence.append(health.UdpNoReply(
+                    backend, t, f"{now.unanswered} packets sent, none came back"))
+                # One failure per window of silence, the next window from here.
+                now.unanswered_since, now.unanswered = (t, 0) if sent > b.sent else (None, 0)
+        return evidence

@@ -1,8 +1,9 @@
 """A test backend: TCP and UDP echo on one port, IPv4 and IPv6, switchable from outside.
 
 Runs inside a backend's network namespace. A unix control socket takes one word per
-connection: `accept` (listen), `refuse` (close the TCP listener, so SYNs get RST) or
-`quit`; it answers `ok`. Blackholing is done outside, on the client's neighbour table.
+connection: `accept` (listen), `refuse` (close the TCP listener, so SYNs get RST),
+`udp-close` (close the UDP socket, so datagrams draw ICMP port unreachable), `udp-silent`
+(read datagrams, answer none), `udp-serve` (answer again) or `quit`; it answers `ok`. Blackholing is done outside, on the client's neighbour table.
 TCP connections are answered with the backend's name first, then echo, so a test can tell
 which backend IPVS chose; UDP datagrams are answered with `<name> <payload>`.
 """
@@ -24,6 +25,13 @@ def tcp_listener(port: int) -> socket.socket:
     return s
 
 
+def udp_socket(port: int) -> socket.socket:
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    udp.bind(("::", port))
+    return udp
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
@@ -33,10 +41,9 @@ def main() -> None:
     name = args.name.encode()
 
     sel = selectors.DefaultSelector()
-    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    udp.bind(("::", args.port))
+    udp = udp_socket(args.port)
     sel.register(udp, selectors.EVENT_READ, "udp")
+    udp_silent = False
     if os.path.exists(args.control):
         os.unlink(args.control)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -52,7 +59,8 @@ def main() -> None:
             if kind == "udp":
                 try:
                     data, peer = sock.recvfrom(65535)
-                    sock.sendto(name + b" " + data, peer)
+                    if not udp_silent:
+                        sock.sendto(name + b" " + data, peer)
                 except OSError:  # an ICMP error queued on the socket; keep serving
                     continue
             elif kind == "listen":
@@ -90,6 +98,15 @@ def main() -> None:
                 elif word == "accept" and listener is None:
                     listener = tcp_listener(args.port)
                     sel.register(listener, selectors.EVENT_READ, "listen")
+                elif word == "udp-close" and udp is not None:
+                    sel.unregister(udp)
+                    udp.close()
+                    udp = None
+                elif word in ("udp-serve", "udp-silent"):
+                    udp_silent = word == "udp-silent"
+                    if udp is None:
+                        udp = udp_socket(args.port)
+                        sel.register(udp, selectors.EVENT_READ, "udp")
                 conn.sendall(b"ok\n")
                 conn.close()
                 if word == "quit":

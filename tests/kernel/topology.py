@@ -41,6 +41,7 @@ class TestBackend:
     control: str = ""
     process: subprocess.Popen | None = None
     mode: str = "accept"
+    udp_mode: str = "serve"
 
     @property
     def name(self) -> str:
@@ -77,6 +78,14 @@ class TestBackend:
         self._control("refuse" if mode == "refuse" else "accept")
         self.mode = mode
 
+    def set_udp(self, mode: str) -> None:
+        """serve: answer datagrams; close: no UDP socket (ICMP port unreachable); silent: read
+        datagrams and answer none."""
+        if mode not in ("serve", "close", "silent"):
+            raise ValueError(mode)
+        self._control(f"udp-{mode}")
+        self.udp_mode = mode
+
     def set_delay(self, milliseconds: int) -> None:
         """One-way delay on the client's side of the link (netem); 0 removes it."""
         sh("tc", "qdisc", "del", "dev", self.host_link, "root", check=False)
@@ -98,6 +107,8 @@ class Topology:
         for b in self.backends:
             if b.mode != "accept":
                 b.set_mode("accept")
+            if b.udp_mode != "serve":
+                b.set_udp("serve")
             b.set_delay(0)
 
     def teardown(self) -> None:

@@ -1,14 +1,17 @@
 import ipaddress
 
+import pytest
+
 from ipvslb import conntable, events
 from ipvslb.events import Kind
 
 
-def record(kind, family=2, caddr=b"\x0a\x5a\x00\x01", baddr=b"\x0a\x4d\x01\x02", bfamily=2):
+def record(kind, family=2, caddr=b"\x0a\x5a\x00\x01", baddr=b"\x0a\x4d\x01\x02", bfamily=2, protocol=6,
+           icmp_code=0):
     """One record as it sits in the ring buffer: 8-byte header (length, page offset), then the record."""
     return events.RECORD.size.to_bytes(4, "little") + bytes(4) + events.RECORD.pack(1_500_000_000, 0xFFFF0001, 250_000_000, caddr.ljust(16, b"\0"),
                               caddr.ljust(16, b"\0"), baddr.ljust(16, b"\0"), 40000, 80, 8080, 1,
-                              kind, family, 6, bfamily, 0)
+                              kind, family, protocol, bfamily, icmp_code)
 
 
 def test_decode_reads_every_field_of_an_ipv4_record():
@@ -34,6 +37,24 @@ def test_an_untimed_establishment_prints_when_it_was_seen_not_a_connect_time():
     assert e.kind.label == "established-untimed"
     line = str(e)
     assert "established-untimed" in line and "seen-after=250.0ms" in line and " after=" not in line
+
+
+def test_an_unreachable_record_carries_its_icmp_code_and_names_it_per_family():
+    [e] = events.decode_slots(record(Kind.UNREACHABLE, protocol=17, icmp_code=3))
+    assert e.kind is Kind.UNREACHABLE and e.protocol == "udp" and e.icmp_code == 3
+    assert e.backend == (ipaddress.ip_address("10.77.1.2"), 8080)
+    assert "unreachable" in str(e) and "icmp=ICMP port unreachable" in str(e)
+    v6 = ipaddress.ip_address("fd77:1::2").packed
+    [e6] = events.decode_slots(record(Kind.UNREACHABLE, family=10, caddr=v6, baddr=v6, bfamily=10, protocol=17,
+                                      icmp_code=4))
+    assert events.unreachable_reason(e6) == "ICMPv6 port unreachable"
+    [odd] = events.decode_slots(record(Kind.UNREACHABLE, protocol=17, icmp_code=200))
+    assert events.unreachable_reason(odd) == "ICMP unreachable code 200"
+
+
+def test_a_record_of_a_kind_the_decoder_does_not_know_is_refused():
+    with pytest.raises(ValueError):
+        events.decode_slots(record(42))
 
 
 def test_consecutive_slots_decode_in_order_and_share_address_objects():
