@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ipvslb import (__version__, config, events, health, metrics, probe, status, systemd, udprequest,
                     udpwatch)
+from ipvslb import statedir
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
@@ -43,8 +45,20 @@ def probe_result(backend: tuple, outcome: probe.ProbeOutcome, now: float) -> hea
 
 
 class Daemon:
-    def __init__(self, config_path: str, cfg: Config, rng: random.Random | None = None):
+    def __init__(self, config_path: str, cfg: Config, rng: random.Random | None = None,
+                 manager_factory=Manager, tracer_factory=Tracer, prober=probe):
         self.config_path = config_path
+        # The kernel's ends, replaceable so that the daemon runs in tests without a kernel.
+        self._manager_factory, self._tracer_factory, self.prober = manager_factory, tracer_factory, prober
+        # task -> exceptions caught (ipvslb_internal_errors_total); kinds already logged.
+        self.internal_errors: collections.Counter[str] = collections.Counter()
+        self._errors_logged: set[tuple] = set()
+        self._error_backoff = 0.0  # no tick before this (monotonic): no busy loop on a bug
+        # "tick", "evidence" -> monotonic time of their last run without exception (watchdog).
+        self.heartbeats: dict[str, float] = {}
+        self._reload_task: asyncio.Task | None = None
+        self._reload_again = False
+        self._hup_early = False
         self.cfg = cfg
         self.rng = rng or random.Random()
         self.health: dict[tuple, health.ServiceHealth] = {}
@@ -71,12 +85,12 @@ class Daemon:
 
     def _open_kernel(self) -> None:
         try:
-            self.manager = Manager(self.cfg.settings)
+            self.manager = self._manager_factory(self.cfg.settings)
         except IPVSError as err:
             raise StartupError(f"IPVS is unavailable ({err.strerror or err}): `modprobe ip_vs` must work; "
                                "install the kernel's modules (linux-image-*) or enable CONFIG_IP_VS") from err
         try:
-            self.tracer = Tracer(self.cfg.settings.tracer)
+            self.tracer = self._tracer_factory(self.cfg.settings.tracer)
         except TracerUnavailable as err:
             self.manager.close()
             raise StartupError(str(err)) from err
@@ -129,6 +143,30 @@ class Daemon:
                 "IPVS reconciled: %d services, %d netlink writes, %.1f ms", len(self.cfg.services), writes,
                 self.reconcile.last_seconds * 1000)
 
+    def _internal_error(self, task: str, err: BaseException) -> None:
+        """An exception a long-lived task did not expect: counted, its traceback logged the
+        first time (per task and error), and the task carries on."""
+        self.internal_errors[task] += 1
+        if task in ("tick", "evidence"):
+            self._error_backoff = time.monotonic() + ERROR_BACKOFF
+        kind = (task, type(err).__name__, str(err)[:200])
+        if kind in self._errors_logged or len(self._errors_logged) > 1000:
+            log.debug("internal error in %s again (%d so far): %r", task, self.internal_errors[task], err)
+            return
+        self._errors_logged.add(kind)
+        log.error("internal error in %s (%d so far; the task carries on): %r", task, self.internal_errors[task],
+                  err, exc_info=err)
+
+    async def _supervised(self, task: str, run) -> None:
+        """`run()` again whenever it ends in an exception (after a pause, not in a loop)."""
+        while True:
+            try:
+                await run()
+                return
+            except Exception as err:
+                self._internal_error(task, err)
+            await asyncio.sleep(ERROR_RESTART)
+
     async def _verify_ipvs(self) -> None:
         """Repair changes others made to our services (an `ipvsadm -d` by hand)."""
         while True:
@@ -141,8 +179,11 @@ class Daemon:
         return self.health.get((protocol, vip[0], vip[1]))
 
     def _on_records(self) -> None:
-        if self._feed_records():
-            self._drain_again()
+        try:
+            if self._feed_records():
+                self._drain_again()
+        except Exception as err:
+            self._internal_error("evidence", err)
         self._schedule_tick()
 
     def _drain_again(self) -> None:
@@ -181,6 +222,7 @@ class Daemon:
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
                 self._act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
+        self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
 
     def _newly_counted(self) -> list[tuple[events.Counted, int]]:
@@ -195,15 +237,27 @@ class Daemon:
         self._tick_handle = None
         # A connect that established just before its deadline may still sit in the ring
         # buffer, unannounced: read it before judging the deadline.
-        if self._feed_records():
-            self._drain_again()
+        self._on_records()
         now = time.monotonic()
+        failed = False
         for svc in list(self.health.values()):
-            self._act(svc, svc.tick(now))
+            try:
+                self._act(svc, svc.tick(now))
+            except Exception as err:  # one service's fault must not stop the others' timers
+                self._internal_error("tick", err)
+                failed = True
+        if not failed:
+            self.heartbeats["tick"] = time.monotonic()
         self._schedule_tick()
 
     def _schedule_tick(self) -> None:
-        deadlines = [d for svc in self.health.values() if (d := svc.next_deadline()) is not None]
+        try:
+            deadlines = [d for svc in self.health.values() if (d := svc.next_deadline()) is not None]
+        except Exception as err:
+            self._internal_error("tick", err)
+            deadlines = [time.monotonic() + ERROR_RESTART]
+        if deadlines and self._error_backoff > min(deadlines):
+            deadlines = [self._error_backoff]
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -232,7 +286,13 @@ class Daemon:
                                       weight, reason))
                 case health.StartProbe(backend, timeout):
                     # A TCP probe's SYN leaves now; the task only collects the answer.
-                    started = probe.TcpProbe(*backend) if svc.service.protocol == "tcp" else None
+                    try:
+                        started = self.prober.TcpProbe(*backend) if svc.service.protocol == "tcp" else None
+                    except OSError as err:
+                        # No socket (EMFILE, ENOBUFS): a failed probe, this host's fault, so
+                        # that health gets its one result and the backend does not wait forever.
+                        answered.append((backend, cannot_probe(err)))
+                        continue
                     if started is not None and started.outcome is not None:
                         # Refused (or accepted) before connect() returned, as a backend on a
                         # local link often is: judged below, not a loop turn later in a task
@@ -292,59 +352,142 @@ class Daemon:
 
     async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float,
                      started: probe.TcpProbe | None) -> None:
-        if started is not None:
-            outcome = await started.result(timeout)
-        else:
-            request = udprequest.for_service(svc.service, self.rng.getrandbits(16))
-            outcome = await probe.probe(svc.service.protocol, backend[0], backend[1], timeout, request)
+        try:
+            if started is not None:
+                outcome = await started.result(timeout)
+            else:
+                request = udprequest.for_service(svc.service, self.rng.getrandbits(16))
+                outcome = await self.prober.probe(svc.service.protocol, backend[0], backend[1], timeout, request)
+        except Exception as err:  # still one result for the one StartProbe
+            self._internal_error("probe", err)
+            outcome = cannot_probe(err)
         if self.health.get(svc.service.key) is not svc:
             return  # the service was reloaded away while the probe ran
         now = time.monotonic()
         result = probe_result(backend, outcome, now)
-        self._act(svc, svc.feed(result, now))
+        try:
+            self._act(svc, svc.feed(result, now))
+        except Exception as err:
+            self._internal_error("probe", err)
         self._schedule_tick()
 
     # -- reload --------------------------------------------------------------------------
 
+    def _on_sighup(self) -> None:
+        """One reload at a time; a SIGHUP during one asks for one more after it."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reloads())
+
+    async def _reloads(self) -> None:
+        while True:
+            self._reload_again = False
+            _notify_reloading()
+            # Parsing a large file takes seconds: off the loop, which keeps judging evidence.
+            self._reload(await asyncio.to_thread(self._load))
+            if not self._reload_again:
+                return
+
     def reload(self) -> None:
-        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        """The SIGHUP reload, parsing on the calling thread."""
+        _notify_reloading()
+        self._reload(self._load())
+
+    def _load(self) -> Config | None:
+        """The file, parsed; None, logged, when it cannot be used."""
         try:
-            new = config.load(self.config_path)
+            return config.load(self.config_path)
         except config.ConfigError as err:
             for line in err.messages:
                 log.error("reload refused, nothing changed: %s", line)
+        except Exception as err:  # a ValueError or MemoryError the checks did not foresee
+            log.error("reload refused, nothing changed: %s: %s: %s", self.config_path, type(err).__name__, err)
+        return None
+
+    def _reload(self, new: Config | None) -> None:
+        """Switch to `new`, all or nothing; READY=1 whatever happens (it follows RELOADING=1)."""
+        status = "reload failed, the previous configuration stays in force (see the log)"
+        try:
+            if new is not None and self._switch(new):
+                self.reloads["ok"] += 1
+                self.last_reload_success = time.time()
+                log.info("reloaded %s: %d services", self.config_path, len(new.services))
+                status = self._status_line()
+            else:
+                self.reloads["failed"] += 1
+        except Exception as err:
             self.reloads["failed"] += 1
-            systemd.notify("READY=1", "STATUS=reload refused: invalid configuration")
-            return
+            self._internal_error("reload", err)
+        finally:
+            systemd.notify("READY=1", f"STATUS={status}")
+
+    def _switch(self, new: Config) -> bool:
+        """IPVS, then the tracer's VIP filter, then config and health: the new ones replace
+        the old only when IPVS and the filter took them. False (logged) when they did not:
+        IPVS is put back to the configuration in force."""
         if new.settings != self.cfg.settings:
             log.warning("reload: changes under 'settings' take effect at the next restart")
             new = Config(settings=self.cfg.settings, services=new.services)
         now = time.monotonic()
-        pending: list[tuple[health.ServiceHealth, list]] = []
-        kept = {}
-        self.connect_times = collections.defaultdict(metrics.ConnectTimes, {
-            (s.key, b.key): self.connect_times[(s.key, b.key)] for s in new.services for b in s.backends
-            if (s.key, b.key) in self.connect_times})
+        trial: dict[tuple, health.ServiceHealth] = {}
         for svc in new.services:
             current = self.health.get(svc.key)
             if current is None:
-                current = health.ServiceHealth(svc, self.rng, now)
+                trial[svc.key] = health.ServiceHealth(svc, self.rng, now)
+            elif svc != current.service:
+                # A copy, to learn the weights it wants: the one in force (with its probes
+                # in flight) changes only once the switch is sure.
+                trial[svc.key] = copy.deepcopy(current, {id(self.rng): self.rng})
+                trial[svc.key].update_service(svc, now)
             else:
+                trial[svc.key] = current
+            for backend, weight in trial[svc.key].weights().items():
+                self.manager.hold_weight(svc.key, backend, weight)
+        started = time.monotonic()
+        try:
+            result = self.manager.apply(new.services, verify=True)
+            self.reconcile.writes += result.writes
+            self.tracer.set_vips((s.protocol, s.vip, s.port) for s in new.services)
+        except Exception as err:
+            log.error("reload failed, the previous configuration stays in force: %s", err)
+            self._roll_back()
+            return False
+        finally:
+            self.reconcile.runs += 1
+            self.reconcile.last_seconds = time.monotonic() - started
+        pending: list[tuple[health.ServiceHealth, list]] = []
+        kept = {}
+        for svc in new.services:
+            current = self.health.get(svc.key)
+            if current is not None and trial[svc.key] is not current:
                 pending.append((current, current.update_service(svc, now)))
-            kept[svc.key] = current
+                kept[svc.key] = current
+            else:
+                kept[svc.key] = trial[svc.key]
+        self.connect_times = collections.defaultdict(metrics.ConnectTimes, {
+            (s.key, b.key): self.connect_times[(s.key, b.key)] for s in new.services for b in s.backends
+            if (s.key, b.key) in self.connect_times})
         self.health = kept
         self.cfg = new
         for svc in new.services:
             self._hold_wanted_weights(svc)
-        self._apply()
-        self.tracer.set_vips((s.protocol, s.vip, s.port) for s in new.services)
+        self._apply(routine=True)  # what the trial missed (normally nothing: no writes)
         for svc, actions in pending:
             self._act(svc, [a for a in actions if not isinstance(a, health.SetWeight)])
         self._schedule_tick()
-        self.reloads["ok"] += 1
-        self.last_reload_success = time.time()
-        log.info("reloaded %s: %d services", self.config_path, len(new.services))
-        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+        return True
+
+    def _roll_back(self) -> None:
+        """IPVS and the VIP filter back to the configuration in force, best effort (the
+        periodic verify retries IPVS)."""
+        try:
+            for svc in self.cfg.services:
+                self._hold_wanted_weights(svc)
+            self._apply(routine=True)
+            self.tracer.set_vips((s.protocol, s.vip, s.port) for s in self.cfg.services)
+        except Exception as err:
+            self._internal_error("reload", err)
 
     # -- status --------------------------------------------------------------------------
 
@@ -361,6 +504,8 @@ class Daemon:
             "counted_successes": self.counted_successes,
             "reconcile": vars(self.reconcile),
             "reloads": dict(self.reloads),
+            "internal_errors": dict(self.internal_errors),
+            "heartbeats": dict(self.heartbeats),
             "last_reload_success": self.last_reload_success,
             "services": [self._service_snapshot(svc) for svc in self.health.values()],
         }
@@ -383,11 +528,27 @@ class Daemon:
     async def run(self) -> None:
         from ipvslb import preflight
 
-        loop = asyncio.get_running_loop()
+        # Before anything slow: SIGHUP's default action ends the process, and systemd
+        # counts that as a clean exit (no restart). One that comes early is a reload once ready.
+        signal.signal(signal.SIGHUP, self._early_sighup)
         # Before the tracer compile: a setting that stops the daemon after it would cost a
         # compile (seconds to minutes) at every systemd restart.
         if problem := preflight.settings_problem(self.cfg.settings):
             raise StartupError(problem)
+        try:
+            lock = statedir.lock(self.cfg.settings.state_dir)
+        except statedir.Locked as err:
+            raise StartupError(str(err)) from err
+        try:
+            await self._run()
+        finally:
+            lock.close()
+
+    def _early_sighup(self, signum, frame) -> None:
+        self._hup_early = True
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         self._open_kernel()
         log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s, UDP unreachables: %s",
                  __version__, self.tracer.compile_seconds, self.tracer.attribution,
@@ -401,7 +562,7 @@ class Daemon:
         loop.add_reader(self.tracer.fileno(), self._on_records)
         # Checked before the compile; still refused here if another process took them since.
         try:
-            server = await status.serve(self.cfg.settings.status_socket, self.snapshot)
+            server = await status.serve(self.cfg.settings.status_socket, self._status_snapshot)
         except status.SocketPathTaken as err:
             raise StartupError(str(err)) from err
         except OSError as err:
@@ -412,12 +573,12 @@ class Daemon:
             server.close()
             raise StartupError(f"cannot listen on settings.metrics_address {self.cfg.settings.metrics_address}: "
                                f"{err.strerror or err}") from err
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         watchdog = loop.create_task(self._watchdog())
-        udp_watch = loop.create_task(self._watch_udp())
-        verify = loop.create_task(self._verify_ipvs())
+        udp_watch = loop.create_task(self._supervised("udp watch", self._watch_udp))
+        verify = loop.create_task(self._supervised("verify", self._verify_ipvs))
         self._schedule_tick()
         # What start-up made (bcc, pyroute2, prometheus_client, the configuration) lives as
         # long as the daemon. Frozen, it is out of the collector's sight: a full collection
@@ -427,12 +588,16 @@ class Daemon:
         gc.freeze()
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
         log.info("running: %s", self._status_line())
+        if self._hup_early:
+            self._on_sighup()
         try:
             await self._stop.wait()
         finally:
             systemd.notify("STOPPING=1")
             log.info("stopping; IPVS is left as it is")
             watchdog.cancel()
+            if self._reload_task is not None:
+                self._reload_task.cancel()
             udp_watch.cancel()
             verify.cancel()
             for task in self._probes:
@@ -454,18 +619,57 @@ class Daemon:
 
         def snapshot_from_loop() -> dict:
             # Scrapes run in prometheus_client's thread; the state belongs to the loop.
-            return asyncio.run_coroutine_threadsafe(_call(self.snapshot), loop).result(timeout=5)
+            return asyncio.run_coroutine_threadsafe(_call(self._metrics_snapshot), loop).result(timeout=5)
 
         # A daemon thread: it ends with the process (0.16, Debian 12's, returns no handle).
         start_http_server(int(port), addr=host.strip("[]"), registry=metrics.registry_for(snapshot_from_loop))
+
+    def _status_snapshot(self) -> dict:
+        try:
+            return self.snapshot()
+        except Exception as err:
+            self._internal_error("status", err)
+            return {"error": f"internal error: {err!r}"}
+
+    def _metrics_snapshot(self) -> dict:
+        try:
+            return self.snapshot()
+        except Exception as err:
+            self._internal_error("metrics", err)
+            raise
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
         if interval is None:
             return
         while True:
-            systemd.notify("WATCHDOG=1")
+            if self._alive():
+                systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    def _alive(self) -> bool:
+        """A tick now, deadline or not (it reads the tracer too): alive if both it and the
+        evidence reader ran through. If they keep failing, systemd is not told we are alive
+        and restarts the daemon."""
+        started = time.monotonic()
+        self._tick()
+        stalled = [task for task in ("tick", "evidence") if self.heartbeats.get(task, -1.0) < started]
+        if stalled:
+            log.error("watchdog not fed: %s failed (ipvslb_internal_errors_total)", " and ".join(stalled))
+        return not stalled
+
+
+ERROR_BACKOFF = 0.05  # seconds without ticks after a tick or evidence exception
+ERROR_RESTART = 1.0   # seconds before a task that ended in an exception starts again
+
+
+def cannot_probe(err: BaseException) -> probe.ProbeOutcome:
+    """A probe that could not be made: a failure on this host, no evidence against the backend."""
+    return probe.ProbeOutcome(False, f"probe not made: {err}", 0.0, local=True)
+
+
+def _notify_reloading() -> None:
+    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
 
 def set_nice(nice: int | None) -> None:

@@ -12,9 +12,14 @@ def notify(*states: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(address)
-        s.sendall("\n".join(states).encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall("\n".join(states).encode())
+    except OSError:
+        # systemd gone or restarting: nothing to tell, and no reason to stop the caller
+        # (a reload that must still end, the watchdog task).
+        return False
     return True
 
 
