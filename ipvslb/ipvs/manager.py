@@ -13,6 +13,8 @@ configuration). Not thread-safe: the daemon calls both from its one loop.
 """
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,8 @@ from ipvslb.ipvs.ownership import Ownership
 from ipvslb.ipvs.snapshot import Snapshot
 from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec, dest_spec, service_spec
 from ipvslb.ipvs.vips import VipInterface
+
+log = logging.getLogger(__name__)
 
 ServiceKey = tuple[str, model.IPAddress, int]
 BackendKey = tuple[model.IPAddress, int]
@@ -125,27 +129,40 @@ class Manager:
         """One plan and its writes; the flag says the snapshot it trusted may be wrong."""
         wanted = frozenset(spec.key for spec, _ in desired)
         vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
+        owned_before = self.ownership.services
         # Claim before creating, so that a crash in between cannot leave an unowned service.
-        self.ownership.record(self.ownership.services | wanted, self.ownership.vips | vips_wanted)
+        self.ownership.record(owned_before | wanted, self.ownership.vips)
         state, self._snapshot = self._snapshot, None   # restored only if all goes well
         trusted = not verify and state is not None and self._clock() - state.taken < self.verify_interval \
             and state.knows(wanted)
         if not trusted:
             state = self._read(wanted)
+            for key in sorted(wanted & state.services.keys() - owned_before, key=str):
+                spec = state.services[key]
+                log.warning("adopting IPVS service %s %s:%d, not created by ipvslb: it now follows the "
+                            "configuration, and is deleted when it leaves it", spec.protocol,
+                            ip_text(spec.vip), spec.port)
         already_done = self.ipvs.already_done
-        for vip in vips_wanted - state.vips:
+        # Only addresses we add are ours: one an administrator put there stays theirs.
+        added = vips_wanted - state.vips
+        if added:
+            self.ownership.record(self.ownership.services, self.ownership.vips | added)
+        for vip in added:
             self.vips.add(vip)
             state.vips.add(vip)
 
         ops = reconcile.plan(desired, state.services, state.dests, self.ownership.services)
         failures = self.ipvs.execute(ops)
 
-        # A service we failed to delete stays ours, and so does its VIP.
+        # A service we failed to delete stays ours. A VIP of ours stays while any IPVS
+        # service (ours or not) still uses it: removing it would cut that service off.
         kept = {f.op.service for f in failures if f.op.kind == "delete-service"}
         vips_kept = self.ownership.vips
         if self.vips is not None:
-            vips_kept = vips_wanted | {spec.vip for spec in kept}
-            for vip in (self.ownership.vips - vips_kept) & state.vips:
+            deleted = {op.service.key for op in ops if op.kind == "delete-service"} - {spec.key for spec in kept}
+            in_use = vips_wanted | {spec.vip for key, spec in state.services.items() if key not in deleted}
+            vips_kept = self.ownership.vips & in_use
+            for vip in (self.ownership.vips - in_use) & state.vips:
                 self.vips.remove(vip)
                 state.vips.discard(vip)
         self.ownership.record(wanted | {spec.key for spec in kept}, vips_kept)
@@ -201,3 +218,7 @@ class Manager:
             return backend.weight
         override = self._overrides.get((service.key, backend.key))
         return backend.weight if override is None else min(backend.weight, override)
+
+
+def ip_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))

@@ -4,15 +4,17 @@ The daemon owns the services it created and those its configuration names; nothi
 is ever edited or deleted. The record outlives the process, so a restart can still delete
 a service that left the configuration while the daemon was down. It is written before
 the kernel is changed (a crash between the two leaves at most a claim on something that
-does not exist, never a service we created and forgot), atomically (temporary file,
-fsync, rename).
+does not exist, never a service we created and forgot), atomically (a temporary file of
+its own, fsync, rename, fsync of the directory).
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,24 @@ class Ownership:
             "vips": sorted(str(ipaddress.ip_address(vip)) for vip in vips),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # A temporary name of its own (never one another writer shares), the data on disk
+        # before the rename, the rename on disk before the kernel changes.
+        fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=self.path.parent)
+        try:
+            with open(fd, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         self.services, self.vips = services, vips
