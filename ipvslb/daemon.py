@@ -577,7 +577,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         watchdog = loop.create_task(self._watchdog())
-        udp_watch = loop.create_task(self._supervised("udp watch", self._watch_udp))
+        udp_watch = loop.create_task(self._supervised("udp_watch", self._watch_udp))
         verify = loop.create_task(self._supervised("verify", self._verify_ipvs))
         self._schedule_tick()
         # What start-up made (bcc, pyroute2, prometheus_client, the configuration) lives as

@@ -20,6 +20,8 @@ BACKEND_COUNTERS = {
 FAILURE_CLASSES = ("hard", "soft")
 PROBE_RESULTS = ("ok", "failed")
 RELOAD_OUTCOMES = ("ok", "failed")
+# The daemon's long-lived tasks (ipvslb.daemon, Daemon._internal_error).
+INTERNAL_TASKS = ("tick", "evidence", "probe", "verify", "udp_watch", "reload", "status", "metrics")
 # Upper bounds in seconds: from a backend on the same link (100 us) to one whose SYN-ACK
 # needed a retransmitted SYN (1 s and more).
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -92,6 +94,12 @@ class SnapshotCollector(Collector):
         for outcome in RELOAD_OUTCOMES:
             reloads.add_metric([outcome], doc.get("reloads", {}).get(outcome, 0))
         yield reloads
+        internal = CounterMetricFamily("ipvslb_internal_errors", "Exceptions a long-lived task of the daemon caught "
+                                       "and carried past, by task: a bug, whose traceback is in the log.",
+                                       labels=["task"])
+        for task in INTERNAL_TASKS:
+            internal.add_metric([task], doc.get("internal_errors", {}).get(task, 0))
+        yield internal
         if doc.get("last_reload_success") is not None:
             last = GaugeMetricFamily("ipvslb_last_reload_success_timestamp_seconds",
                                      "Unix time the configuration in force was loaded (start or reload).")

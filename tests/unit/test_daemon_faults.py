@@ -328,12 +328,12 @@ def test_verify_and_udp_watch_are_restarted_after_an_exception(place, monkeypatc
 
     async def main():
         tasks = [asyncio.create_task(d._supervised("verify", d._verify_ipvs)),
-                 asyncio.create_task(d._supervised("udp watch", d._watch_udp))]
+                 asyncio.create_task(d._supervised("udp_watch", d._watch_udp))]
         await asyncio.sleep(1.0)
         for t in tasks:
             t.cancel()
     asyncio.run(main())
-    assert d.internal_errors == {"verify": 1, "udp watch": 1}
+    assert d.internal_errors == {"verify": 1, "udp_watch": 1}
     assert calls["verify"] > 3 and calls["dests"] >= 2   # both ran again after their exception
 
 
@@ -395,3 +395,21 @@ def test_a_second_daemon_on_the_same_state_dir_names_the_first_one(place, capsys
     assert f"cannot start: another ipvslb (PID {os.getpid()}) runs with state directory {place.path}/state" in lines[0]
     # Released with its holder: the next one starts.
     statedir.lock(place.path / "state").close()
+
+
+def test_internal_errors_are_exported_per_task(place):
+    from prometheus_client import generate_latest
+
+    from ipvslb import metrics
+    d, kernel, tracer = make(place, WEB)
+    started(d)
+
+    async def main():
+        tracer.read_error = RuntimeError("ring buffer bug")
+        d._on_records()
+    asyncio.run(main())
+    text = generate_latest(metrics.registry_for(d.snapshot)).decode()
+    assert 'ipvslb_internal_errors_total{task="evidence"} 1.0' in text
+    assert 'ipvslb_internal_errors_total{task="tick"} 0.0' in text
+    assert set(metrics.INTERNAL_TASKS) >= {"tick", "evidence", "probe", "verify", "udp_watch", "reload", "status",
+                                           "metrics"}
