@@ -55,3 +55,22 @@ def test_a_hand_made_service_the_configuration_names_is_adopted_with_a_log_line(
     assert lines == ["adopting IPVS service tcp 10.90.0.1:80, not created by ipvslb: it now follows the "
                      "configuration, and is deleted when it leaves it"]
     assert owned(settings)["services"] == [["tcp", "10.90.0.1", 80]]
+
+
+def test_the_record_is_written_through_a_temporary_file_of_its_own_and_synced_with_its_directory(tmp_path,
+                                                                                               monkeypatch):
+    import os
+    import stat
+
+    from ipvslb.ipvs import ownership
+    renamed, synced = [], []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(src).name) or replace(src, dst))
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or fsync(fd))
+    record = ownership.Ownership(tmp_path)
+    record.record(frozenset(), frozenset({WEB.vip.packed}))
+    record.record(frozenset(), frozenset({DNS.vip.packed}))
+    assert len(set(renamed)) == 2 and all(name.startswith(".owned.json.") for name in renamed)
+    assert synced == [False, True, False, True]   # the file, then the directory holding the rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owned.json"]
+    assert ownership.Ownership(tmp_path).vips == {DNS.vip.packed}
