@@ -237,7 +237,11 @@ class Daemon:
         self._tick_handle = None
         # A connect that established just before its deadline may still sit in the ring
         # buffer, unannounced: read it before judging the deadline.
-        self._on_records()
+        try:
+            if self._feed_records():
+                self._drain_again()
+        except Exception as err:
+            self._internal_error("evidence", err)
         now = time.monotonic()
         failed = False
         for svc in list(self.health.values()):
