@@ -996,7 +996,7 @@ class ServiceHealth:
             # A local failure is no evidence against the backend, but it is not usable now.
             self._record_failure(b, ev.t, answered=ev.refused and not ev.local)
         if b.state is State.SUSPECT:
-            return actions + self._confirmation_answered(b, ev, now, evidence)
+            return actions + self._confirmation_answered(b, ev, now, evidence, started)
         if b.state is State.PROBING:
             return actions + self._readmission_answered(b, ev, now, evidence)
         if ev.ok or ev.local:
@@ -1009,7 +1009,8 @@ class ServiceHealth:
                 f"failure in probation: {evidence}", b.failing_since, relapse=True, answered=ev.refused))
         return actions  # a confirmation probe overtaken by a quarantine on the failure streak
 
-    def _confirmation_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str) -> list[Action]:
+    def _confirmation_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str,
+                               started: float) -> list[Action]:
         if ev.ok:
             b.streak = 0
             b.withheld = None
@@ -1025,7 +1026,10 @@ class ServiceHealth:
                           f"probing again with {_ms(timeout)}", now)
             return self._probe_now(b, now, timeout)
         relapse = b.probation_until is not None
-        return self._try_quarantine(b, now, _Confirmed(evidence, b.failing_since, relapse,
+        # The failing evidence began with the failing connect, or with the probe if that
+        # was already out (a peer check that became the confirmation).
+        since = min(b.failing_since, started)
+        return self._try_quarantine(b, now, _Confirmed(evidence, since, relapse,
                                                        answered=ev.refused and not ev.local, local=ev.local))
 
     def _readmission_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str) -> list[Action]:

@@ -324,3 +324,20 @@ def test_guards_hold_under_any_evidence(events, n):
         # (a) never the last usable backend
         assert any(h.state(k) in IN_ROTATION for k in backends)
         assert any(w > 0 for w in h.weights().values())
+
+
+def test_a_failed_peer_check_leads_to_the_freeze_within_one_more_probe():
+    """Two backends, this host's path to both gone, only A had a connect: A's probe and the
+    peer check of B go unanswered, B's own probe too; then the evidence is complete."""
+    h = make_engine(n=2)
+    build_history(h, A, 0.0)
+    build_history(h, B, 0.0)
+    hang(h, A, 10.0)
+    actions = h.tick(10.2)
+    assert [s.backend for s in only(actions, StartProbe)] == [A, B]
+    probe(h, A, False, 10.4)
+    assert not h.frozen and h.state(A) is State.SUSPECT  # waits for B's answer
+    actions = probe(h, B, False, 10.4)
+    assert h.state(B) is State.SUSPECT and only(actions, StartProbe) == [StartProbe(B, pytest.approx(0.2))]
+    actions = probe(h, B, False, 10.6)
+    assert h.frozen and only(actions, FreezeReported) and out(h) == set()
