@@ -11,7 +11,10 @@ IPVS schedules it to a healthy backend at once.
 
 An entry of a connection IPVS masquerades (net.ipv4.vs.conntrack = 1) reads
 client -> VIP in the original direction and backend -> client in the reply direction.
-Only netlink (ctnetlink), no `conntrack` binary.
+ctnetlink is spoken here with `struct`, as ipvslb.ipvs.codec speaks IPVS: a dump holds
+every entry of the VIP, hundreds on a busy client (closed connects linger for minutes),
+and pyroute2's decoder took 670 ms for them in the test VM while the stuck connects'
+retransmits are due 1 s after they began. No `conntrack` binary.
 """
 from __future__ import annotations
 
@@ -21,12 +24,9 @@ import itertools
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
-
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
 
 from ipvslb.model import IPAddress
 
@@ -37,19 +37,25 @@ log = logging.getLogger("ipvslb")
 COUNT = Path("/proc/sys/net/netfilter/nf_conntrack_count")
 TCP_CONNTRACK_SYN_SENT = 1  # enum tcp_conntrack
 
-# Deletes are packed here, not by pyroute2: its request path cost 25-40 ms per entry in the
-# test VM, and the stuck connects retransmit 1 s after they began, whether the daemon is
-# done or not. Numbers from linux/netfilter/nfnetlink*.h and nfnetlink_conntrack.h.
+# From linux/netlink.h, netfilter/nfnetlink.h and netfilter/nfnetlink_conntrack.h.
 NETLINK_NETFILTER = 12
-MSG_CT_DELETE = (1 << 8) | 2          # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
-CTA_TUPLE_ORIG, CTA_ID = 1, 12
+MSG_CT_NEW, MSG_CT_GET, MSG_CT_DELETE = ((1 << 8) | n for n in (0, 1, 2))  # NFNL_SUBSYS_CTNETLINK
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED, NLA_TYPE_MASK = 0x8000, 0x3FFF
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_ID, CTA_FILTER = 1, 2, 4, 12, 25
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+CTA_FILTER_ORIG_FLAGS = 1
+FILTER_IP_DST, FILTER_PROTO_NUM, FILTER_PROTO_DST_PORT = 1 << 1, 1 << 3, 1 << 5
 CTA_IP_SRC = {socket.AF_INET: 1, socket.AF_INET6: 3}   # CTA_IP_V4_SRC, CTA_IP_V6_SRC; DST is +1
 REPLY_TIMEOUT = 2.0
+RECV_BYTES = 256 << 10
+
+_HEADER = struct.Struct("=IHHII")   # struct nlmsghdr
+_NFGEN = struct.Struct("=BBH")      # struct nfgenmsg
+_NLA = struct.Struct("=HH")         # struct nlattr
 
 
 class Flow(NamedTuple):
@@ -72,7 +78,6 @@ def stuck(flows: Iterable[Flow], vip: tuple[IPAddress, int], backend: tuple[IPAd
 
 
 def _same(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    # Netlink gives IPv6 addresses in whatever spelling pyroute2 chose: compare as addresses.
     return a[1] == b[1] and ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
 
 
@@ -88,42 +93,63 @@ def tracking(count_path: Path = COUNT) -> bool:
 class Rescuer:
     """Deletes the conntrack entries of a quarantined backend's unanswered connects.
 
-    Its netlink sockets stay open between rescues: opening them and loading the kernel's
-    ctnetlink module cost the first rescue 160 ms in the test VM. `dump_socket(family)`
-    opens a pyroute2 NFCTSocket and `delete_socket()` a raw netfilter netlink socket
-    (both replaced in unit tests). A failure is logged once and costs only the rescue:
-    IPVS still moves the connect, one retransmit later."""
+    Its netlink socket stays open between rescues: opening it and loading the kernel's
+    ctnetlink module cost the first rescue 160 ms in the test VM. `open_socket()` opens a
+    netfilter netlink socket (replaced in unit tests). A failure is logged once and costs
+    only the rescue: IPVS still moves the connect, one retransmit later."""
 
-    def __init__(self, count_path: Path = COUNT, dump_socket: Callable | None = None,
-                 delete_socket: Callable | None = None):
+    def __init__(self, count_path: Path = COUNT, open_socket: Callable[[], socket.socket] | None = None):
         self.count_path = count_path
-        self._dump_factory = dump_socket or _nfct_socket
-        self._delete_factory = delete_socket or _raw_socket
-        self._dumpers: dict[int, object] = {}
-        self._deleter: socket.socket | None = None
+        self._open = open_socket or _netfilter_socket
+        self._sock: socket.socket | None = None
+        self._buf = bytearray(RECV_BYTES)
         self._seq = itertools.count(1)
         self.deleted = 0   # entries deleted so far
         self._warned = False
 
     def prepare(self) -> None:
-        """Open the sockets and make the kernel load ctnetlink now, where conntrack is
-        loaded at all, so that the first rescue does not pay for it."""
+        """Open the socket and make the kernel load ctnetlink now (one empty dump), where
+        conntrack is loaded at all, so that the first rescue does not pay for it."""
         if self.count_path.exists():
-            self._guarded(lambda: (self._dumper(socket.AF_INET).count(), self._socket()))
+            self._guarded(lambda: self.flows(socket.AF_INET, "0.0.0.0", 0))
 
     def rescue(self, protocol: str, vip: tuple[IPAddress, int], backend: tuple[IPAddress, int]) -> list[Flow]:
         """Delete the entries of connects to `vip` stuck on `backend`; returns those deleted."""
         if protocol != "tcp" or not tracking(self.count_path):
             return []
         family = socket.AF_INET6 if vip[0].version == 6 else socket.AF_INET
-        deleted = self._guarded(lambda: self._delete(stuck(_flows(self._dumper(family), family, vip), vip, backend)))
+        deleted = self._guarded(lambda: self._delete(stuck(self.flows(family, str(vip[0]), vip[1],
+                                                                      server=backend), vip, backend)))
         self.deleted += len(deleted or ())
         return deleted or []
+
+    def flows(self, family: int, vip: str, port: int, server: tuple[IPAddress, int] | None = None) -> list[Flow]:
+        """The TCP entries to vip:port (with `server`, only those it answers for). The kernel
+        filters on the original direction from 5.8 on; older ones send every entry."""
+        sock = self._socket()
+        seq = next(self._seq) & 0xFFFFFFFF
+        sock.send(dump_message(family, vip, port, seq))
+        wanted = None if server is None else (server[0].packed, server[1])
+        out = []
+        while True:
+            length = sock.recv_into(self._buf)
+            for kind, mseq, offset, end in _messages(self._buf, length):
+                if mseq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", self._buf, offset)[0]
+                    if code:
+                        raise OSError(code, f"conntrack dump: {errno.errorcode.get(code, code)}")
+                    continue
+                if kind == MSG_CT_NEW and (flow := parse_entry(self._buf, offset, end, wanted)) is not None:
+                    out.append(flow)
 
     def _guarded(self, work: Callable):
         try:
             return work()
-        except (OSError, NetlinkError) as err:
+        except OSError as err:
             self.close()   # reopened at the next rescue
             if not self._warned:
                 log.warning("conntrack: cannot read or delete entries (%s): a connect stuck on a quarantined "
@@ -131,15 +157,10 @@ class Rescuer:
                 self._warned = True
             return None
 
-    def _dumper(self, family: int):
-        if family not in self._dumpers:
-            self._dumpers[family] = self._dump_factory(family)
-        return self._dumpers[family]
-
     def _socket(self) -> socket.socket:
-        if self._deleter is None:
-            self._deleter = self._delete_factory()
-        return self._deleter
+        if self._sock is None:
+            self._sock = self._open()
+        return self._sock
 
     def _delete(self, flows: list[Flow]) -> list[Flow]:
         """All deletes in one send, then their answers: entries gone meanwhile (answered,
@@ -147,102 +168,139 @@ class Rescuer:
         if not flows:
             return []
         sock = self._socket()
-        pending = {}
-        for flow in flows:
-            seq = next(self._seq) & 0xFFFFFFFF
-            pending[seq] = flow
+        pending = {next(self._seq) & 0xFFFFFFFF: flow for flow in flows}
         sock.send(b"".join(delete_message(flow, seq) for seq, flow in pending.items()))
         deleted = []
         while pending:
-            data = sock.recv(65536)
-            for seq, code in acks(data):
-                flow = pending.pop(seq, None)
+            length = sock.recv_into(self._buf)
+            for kind, seq, offset, _ in _messages(self._buf, length):
+                flow = pending.pop(seq, None) if kind == NLMSG_ERROR else None
                 if flow is None:
                     continue
+                code = -struct.unpack_from("=i", self._buf, offset)[0]
                 if code == 0:
                     deleted.append(flow)
                 elif code != errno.ENOENT:
-                    raise OSError(code, f"deleting {flow.client[0]} port {flow.client[1]}: {errno.errorcode.get(code, code)}")
+                    raise OSError(code, f"deleting the entry of {flow.client[0]} port {flow.client[1]}: "
+                                        f"{errno.errorcode.get(code, code)}")
         return deleted
 
     def close(self) -> None:
-        for ct in self._dumpers.values():
-            ct.close()
-        self._dumpers.clear()
-        if self._deleter is not None:
-            self._deleter.close()
-            self._deleter = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
-def _raw_socket() -> socket.socket:
+def _netfilter_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.bind((0, 0))
     sock.settimeout(REPLY_TIMEOUT)
     return sock
 
 
+# -- packing -----------------------------------------------------------------------------
+
 def _attr(kind: int, value: bytes) -> bytes:
-    header = struct.pack("=HH", 4 + len(value), kind)
-    return header + value + b"\0" * (-len(value) % 4)
+    return _NLA.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
+
+
+def _message(kind: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
+    payload = _NFGEN.pack(family, 0, 0) + body   # struct nfgenmsg, NFNETLINK_V0
+    return _HEADER.pack(16 + len(payload), kind, flags, seq, 0) + payload
+
+
+def _tuple(family: int, src: str | None, dst: str, sport: int | None, dport: int) -> bytes:
+    kind = CTA_IP_SRC[family]
+    ip = (_attr(kind, socket.inet_pton(family, src)) if src is not None else b"") + \
+        _attr(kind + 1, socket.inet_pton(family, dst))
+    proto = _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP])) + \
+        (_attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport)) if sport is not None else b"") + \
+        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport))
+    return _attr(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto)
+
+
+def dump_message(family: int, vip: str, port: int, seq: int) -> bytes:
+    """IPCTNL_MSG_CT_GET dump of the TCP entries whose original destination is vip:port."""
+    body = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, _tuple(family, None, vip, None, port)) + \
+        _attr(CTA_FILTER | NLA_F_NESTED, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack(
+            "=I", FILTER_IP_DST | FILTER_PROTO_NUM | FILTER_PROTO_DST_PORT)))
+    return _message(MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
 
 
 def delete_message(flow: Flow, seq: int) -> bytes:
     """IPCTNL_MSG_CT_DELETE for the flow's original tuple and id (an entry the connect's own
     retransmit made meanwhile has another id and is left alone)."""
-    src = CTA_IP_SRC[flow.family]
-    ip = _attr(src, socket.inet_pton(flow.family, flow.client[0])) + \
-        _attr(src + 1, socket.inet_pton(flow.family, flow.vip[0]))
-    proto = _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP])) + \
-        _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", flow.client[1])) + \
-        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", flow.vip[1]))
-    body = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED,
-                 _attr(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
+    body = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, _tuple(flow.family, flow.client[0], flow.vip[0],
+                                                       flow.client[1], flow.vip[1]))
     if flow.id is not None:
         body += _attr(CTA_ID, struct.pack("!I", flow.id))
-    payload = struct.pack("=BBH", flow.family, 0, 0) + body   # struct nfgenmsg, version 0
-    return struct.pack("=IHHII", 16 + len(payload), MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload
+    return _message(MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, flow.family, body)
 
 
-def acks(data: bytes) -> Iterable[tuple[int, int]]:
-    """(sequence number, errno; 0 for success) of each NLMSG_ERROR in a netlink read."""
+# -- unpacking: lengths are checked, a short or overlong piece ends the walk -------------
+
+def _messages(buf, length: int) -> Iterator[tuple[int, int, int, int]]:
+    """(type, sequence number, payload offset, end) of each netlink message in buf[:length]."""
     offset = 0
-    while offset + 16 <= len(data):
-        length, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
-        if length < 16 or offset + length > len(data):
+    while offset + 16 <= length:
+        size, kind, _, seq, _ = _HEADER.unpack_from(buf, offset)
+        if size < 16 or offset + size > length:
             return
-        if kind == NLMSG_ERROR and length >= 20:
-            yield seq, -struct.unpack_from("=i", data, offset + 16)[0]
-        offset += (length + 3) & ~3
+        yield kind, seq, offset + 16, offset + size
+        offset += (size + 3) & ~3
 
 
-def _nfct_socket(family: int) -> NFCTSocket:
-    return NFCTSocket(nfgen_family=family)
+def _attrs(buf, offset: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attribute type -> (value offset, value end) of the attributes in buf[offset:end]."""
+    out = {}
+    while offset + 4 <= end:
+        size, kind = _NLA.unpack_from(buf, offset)
+        if size < 4 or offset + size > end:
+            break
+        out[kind & NLA_TYPE_MASK] = (offset + 4, offset + size)
+        offset += (size + 3) & ~3
+    return out
 
 
-def _flows(ct, family: int, vip: tuple[IPAddress, int]) -> list[Flow]:
-    # The kernel filters on the original direction (5.8 and later; older kernels ignore the
-    # filter and dump everything, which stuck() then sorts out).
-    wanted = NFCTAttrTuple(family=family, daddr=str(vip[0]), proto=socket.IPPROTO_TCP, dport=vip[1])
-    return [flow for msg in ct.dump(tuple_orig=wanted) if (flow := _flow(family, msg)) is not None]
-
-
-def _flow(family: int, msg) -> Flow | None:
-    orig, reply = msg.get_attr("CTA_TUPLE_ORIG"), msg.get_attr("CTA_TUPLE_REPLY")
-    if orig is None or reply is None:
+def _ends(buf, family: int, span: tuple[int, int] | None):
+    """((source address, port), (destination address, port)) of a TCP tuple, else None."""
+    if span is None:
         return None
-    src, dst = ("CTA_IP_V6_SRC", "CTA_IP_V6_DST") if family == socket.AF_INET6 else ("CTA_IP_V4_SRC", "CTA_IP_V4_DST")
-
-    def ends(tuple_):
-        ip, proto = tuple_.get_attr("CTA_TUPLE_IP"), tuple_.get_attr("CTA_TUPLE_PROTO")
-        if ip is None or proto is None or proto.get_attr("CTA_PROTO_NUM") != socket.IPPROTO_TCP:
-            return None
-        return ((ip.get_attr(src), proto.get_attr("CTA_PROTO_SRC_PORT")),
-                (ip.get_attr(dst), proto.get_attr("CTA_PROTO_DST_PORT")))
-
-    o, r = ends(orig), ends(reply)
-    if o is None or r is None:
+    parts = _attrs(buf, *span)
+    ip, proto = parts.get(CTA_TUPLE_IP), parts.get(CTA_TUPLE_PROTO)
+    if ip is None or proto is None:
         return None
-    info = msg.get_attr("CTA_PROTOINFO")
-    tcp = info.get_attr("CTA_PROTOINFO_TCP") if info is not None else None
-    state = tcp.get_attr("CTA_PROTOINFO_TCP_STATE") if tcp is not None else None
-    return Flow(family, o[0], o[1], r[0], state, msg.get_attr("CTA_ID"))
+    addresses, ports = _attrs(buf, *ip), _attrs(buf, *proto)
+    num = ports.get(CTA_PROTO_NUM)
+    src, dst = addresses.get(CTA_IP_SRC[family]), addresses.get(CTA_IP_SRC[family] + 1)
+    sport, dport = ports.get(CTA_PROTO_SRC_PORT), ports.get(CTA_PROTO_DST_PORT)
+    if num is None or buf[num[0]] != socket.IPPROTO_TCP or None in (src, dst, sport, dport):
+        return None
+    return ((bytes(buf[src[0]:src[1]]), struct.unpack_from("!H", buf, sport[0])[0]),
+            (bytes(buf[dst[0]:dst[1]]), struct.unpack_from("!H", buf, dport[0])[0]))
+
+
+def parse_entry(buf, offset: int, end: int, server: tuple[bytes, int] | None = None) -> Flow | None:
+    """A conntrack entry's Flow, or None when it is no TCP entry or (with `server`, packed
+    address and port) not answered for by that server: most of a dump, skipped cheaply."""
+    if end - offset < 4:
+        return None
+    family = buf[offset]
+    if family not in CTA_IP_SRC:
+        return None
+    top = _attrs(buf, offset + 4, end)
+    reply = _ends(buf, family, top.get(CTA_TUPLE_REPLY))
+    if reply is None or (server is not None and reply[0] != server):
+        return None
+    orig = _ends(buf, family, top.get(CTA_TUPLE_ORIG))
+    if orig is None:
+        return None
+    state = None
+    if (info := top.get(CTA_PROTOINFO)) and (tcp := _attrs(buf, *info).get(CTA_PROTOINFO_TCP)):
+        if (value := _attrs(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE)) and value[1] > value[0]:
+            state = buf[value[0]]
+    ct_id = top.get(CTA_ID)
+    text = lambda packed: socket.inet_ntop(family, packed)  # noqa: E731
+    return Flow(family, (text(orig[0][0]), orig[0][1]), (text(orig[1][0]), orig[1][1]),
+                (text(reply[0][0]), reply[0][1]), state,
+                struct.unpack_from("!I", buf, ct_id[0])[0] if ct_id and ct_id[1] - ct_id[0] >= 4 else None)

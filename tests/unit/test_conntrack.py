@@ -9,7 +9,6 @@ import socket
 import struct
 
 import pytest
-from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from ipvslb import conntrack
@@ -40,53 +39,54 @@ def kernel_entry(client_port: int, server: tuple, state: int, ct_id: int, family
     return decoded
 
 
-class FakeDumpSocket:
-    def __init__(self, entries=(), error: Exception | None = None):
+def as_kernel_sends(msg: nfct_msg, seq: int) -> bytes:
+    msg["header"]["type"] = conntrack.MSG_CT_NEW
+    msg["header"]["sequence_number"] = seq
+    msg["header"]["flags"] = 0x2  # NLM_F_MULTI
+    msg.reset()
+    msg.encode()
+    return bytes(msg.data)
+
+
+class FakeKernel:
+    """A netfilter netlink socket: answers a dump with `entries` and NLMSG_DONE, each
+    delete with an ack (ENOENT for the client ports in `gone`, `refuse` for all others
+    if set). Requests are kept, decoded by pyroute2."""
+
+    def __init__(self, entries=(), gone=(), refuse: int = 0, error: OSError | None = None):
         self.entries = list(entries)
-        self.error = error
-        self.filters = []
-        self.counted = 0
-        self.closed = False
-
-    def dump(self, tuple_orig=None):
-        if self.error:
-            raise self.error
-        self.filters.append(tuple_orig)
-        return self.entries
-
-    def count(self):
-        self.counted += 1
-        return []
-
-    def close(self):
-        self.closed = True
-
-
-class FakeDeleteSocket:
-    """Answers each delete with an ack, ENOENT for the client ports in `gone`."""
-
-    def __init__(self, gone=()):
-        self.gone = set(gone)
-        self.sent: list[nfct_msg] = []
-        self._answers = b""
+        self.gone, self.refuse, self.error = set(gone), refuse, error
+        self.requests: list[nfct_msg] = []
+        self._answers: list[bytes] = []
         self.closed = False
 
     def send(self, data: bytes) -> int:
+        if self.error:
+            raise self.error
         offset = 0
         while offset < len(data):
-            length, _, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            length, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
             msg = nfct_msg(data[offset:offset + length])
             msg.decode()
-            self.sent.append(msg)
-            port = msg.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_PROTO").get_attr("CTA_PROTO_SRC_PORT")
-            code = -errno.ENOENT if port in self.gone else 0
-            self._answers += struct.pack("=IHHIIi", 36, conntrack.NLMSG_ERROR, 0, seq, 0, code) + bytes(16)
+            self.requests.append(msg)
+            if kind == conntrack.MSG_CT_GET:
+                # One read per entry, as a kernel's dump may split them.
+                self._answers += [as_kernel_sends(e, seq) for e in self.entries]
+                self._answers.append(struct.pack("=IHHIIi", 20, conntrack.NLMSG_DONE, 2, seq, 0, 0))
+            else:
+                port = msg.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_PROTO").get_attr("CTA_PROTO_SRC_PORT")
+                code = -errno.ENOENT if port in self.gone else -self.refuse
+                self._answers.append(struct.pack("=IHHIIi", 36, conntrack.NLMSG_ERROR, 0, seq, 0, code) + bytes(16))
             offset += length
         return len(data)
 
-    def recv(self, size: int) -> bytes:
-        answers, self._answers = self._answers, b""
-        return answers
+    def recv_into(self, buf) -> int:
+        data = self._answers.pop(0)
+        buf[:len(data)] = data
+        return len(data)
+
+    def deletes(self) -> list[nfct_msg]:
+        return [m for m in self.requests if m["header"]["type"] == conntrack.MSG_CT_DELETE]
 
     def close(self):
         self.closed = True
@@ -99,18 +99,14 @@ def count(tmp_path):
     return path
 
 
-def rescuer(count, dumper=None, deleter=None, opened=None):
+def rescuer(count, kernel=None, opened=None):
     opened = [] if opened is None else opened
 
-    def dump_socket(family):
-        opened.append(("dump", family))
-        return dumper
+    def open_socket():
+        opened.append(kernel)
+        return kernel
 
-    def delete_socket():
-        opened.append(("delete",))
-        return deleter
-
-    return conntrack.Rescuer(count, dump_socket, delete_socket)
+    return conntrack.Rescuer(count, open_socket)
 
 
 def test_stuck_takes_unanswered_flows_to_the_vip_sent_to_the_backend():
@@ -139,47 +135,58 @@ def test_tracking_needs_the_counter_and_an_entry(tmp_path):
     assert conntrack.tracking(path)
 
 
+def orig_of(msg: nfct_msg, family: int = socket.AF_INET) -> tuple:
+    orig = msg.get_attr("CTA_TUPLE_ORIG")
+    ip, proto = orig.get_attr("CTA_TUPLE_IP"), orig.get_attr("CTA_TUPLE_PROTO")
+    v = "V4" if family == socket.AF_INET else "V6"
+    return (ip.get_attr(f"CTA_IP_{v}_SRC"), ip.get_attr(f"CTA_IP_{v}_DST"), proto.get_attr("CTA_PROTO_NUM"),
+            proto.get_attr("CTA_PROTO_SRC_PORT"), proto.get_attr("CTA_PROTO_DST_PORT"))
+
+
 def test_rescue_deletes_exactly_the_stuck_entries_of_the_backend_by_tuple_and_id(count):
-    dumper = FakeDumpSocket([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 11),
-                             kernel_entry(40002, DEAD, ESTABLISHED, 12),
-                             kernel_entry(40003, ALIVE, TCP_CONNTRACK_SYN_SENT, 13),
-                             kernel_entry(40004, DEAD, TCP_CONNTRACK_SYN_SENT, 14)])
-    deleter = FakeDeleteSocket()
-    r = rescuer(count, dumper, deleter)
+    kernel = FakeKernel([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 11),
+                         kernel_entry(40002, DEAD, ESTABLISHED, 12),
+                         kernel_entry(40003, ALIVE, TCP_CONNTRACK_SYN_SENT, 13),
+                         kernel_entry(40004, DEAD, TCP_CONNTRACK_SYN_SENT, 14)])
+    r = rescuer(count, kernel)
     freed = r.rescue("tcp", VIP, DEAD)
-    assert [(f.client, f.id) for f in freed] == [(("10.91.0.1", 40001), 11), (("10.91.0.1", 40004), 14)]
-    sent = [(m.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_SRC"),
-             m.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_DST"),
-             m.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_PROTO").get_attr("CTA_PROTO_SRC_PORT"),
-             m.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_PROTO").get_attr("CTA_PROTO_DST_PORT"),
-             m.get_attr("CTA_ID"), m["header"]["type"], m["nfgen_family"]) for m in deleter.sent]
-    assert sent == [("10.91.0.1", "10.91.0.1", 40001, 80, 11, conntrack.MSG_CT_DELETE, socket.AF_INET),
-                    ("10.91.0.1", "10.91.0.1", 40004, 80, 14, conntrack.MSG_CT_DELETE, socket.AF_INET)]
-    # The kernel is asked for the VIP's TCP flows only.
-    wanted = dumper.filters[0]
-    assert (wanted.daddr, wanted.dport, wanted.proto) == ("10.91.0.1", 80, socket.IPPROTO_TCP)
+    assert [(f.client, f.server, f.id) for f in freed] == [(("10.91.0.1", 40001), ("10.77.2.2", 8080), 11),
+                                                          (("10.91.0.1", 40004), ("10.77.2.2", 8080), 14)]
+    assert [(orig_of(m), m.get_attr("CTA_ID"), m["nfgen_family"]) for m in kernel.deletes()] == [
+        (("10.91.0.1", "10.91.0.1", socket.IPPROTO_TCP, 40001, 80), 11, socket.AF_INET),
+        (("10.91.0.1", "10.91.0.1", socket.IPPROTO_TCP, 40004, 80), 14, socket.AF_INET)]
     assert r.deleted == 2
+
+
+def test_the_dump_asks_the_kernel_for_the_vips_tcp_entries_only(count):
+    kernel = FakeKernel()
+    rescuer(count, kernel).rescue("tcp", VIP, DEAD)
+    dump = kernel.requests[0]
+    assert dump["header"]["type"] == conntrack.MSG_CT_GET and dump["header"]["flags"] & 0x300 == 0x300
+    assert orig_of(dump) == (None, "10.91.0.1", socket.IPPROTO_TCP, None, 80)
+    flags = dump.get_attr("CTA_FILTER").get_attr("CTA_FILTER_ORIG_FLAGS")
+    # The same flags pyroute2 sets for a filter on destination, protocol and destination port.
+    wanted = NFCTAttrTuple(daddr="10.91.0.1", proto=socket.IPPROTO_TCP, dport=80)
+    wanted.attrs()
+    assert flags == wanted.flags
 
 
 def test_rescue_of_an_ipv6_service_uses_ipv6_tuples(count):
     vip = (ipaddress.ip_address("fd91::1"), 80)
     dead = (ipaddress.ip_address("fd77:2::2"), 8080)
-    opened = []
-    dumper = FakeDumpSocket([kernel_entry(40001, dead, TCP_CONNTRACK_SYN_SENT, 5, socket.AF_INET6, "fd91::1", vip)])
-    deleter = FakeDeleteSocket()
-    freed = rescuer(count, dumper, deleter, opened).rescue("tcp", vip, dead)
+    kernel = FakeKernel([kernel_entry(40001, dead, TCP_CONNTRACK_SYN_SENT, 5, socket.AF_INET6, "fd91::1", vip),
+                         kernel_entry(40002, DEAD, TCP_CONNTRACK_SYN_SENT, 6)])
+    freed = rescuer(count, kernel).rescue("tcp", vip, dead)
     assert [f.client for f in freed] == [("fd91::1", 40001)]
-    assert ("dump", socket.AF_INET6) in opened
-    orig = deleter.sent[0].get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_IP")
-    assert (orig.get_attr("CTA_IP_V6_SRC"), orig.get_attr("CTA_IP_V6_DST")) == ("fd91::1", "fd91::1")
-    assert deleter.sent[0]["nfgen_family"] == socket.AF_INET6
+    assert kernel.requests[0]["nfgen_family"] == socket.AF_INET6
+    assert [orig_of(m, socket.AF_INET6) for m in kernel.deletes()] == [
+        ("fd91::1", "fd91::1", socket.IPPROTO_TCP, 40001, 80)]
 
 
 def test_an_entry_gone_before_its_delete_is_not_counted(count):
-    dumper = FakeDumpSocket([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1),
-                             kernel_entry(40002, DEAD, TCP_CONNTRACK_SYN_SENT, 2)])
-    freed = rescuer(count, dumper, FakeDeleteSocket(gone={40001})).rescue("tcp", VIP, DEAD)
-    assert [f.client[1] for f in freed] == [40002]
+    kernel = FakeKernel([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1),
+                         kernel_entry(40002, DEAD, TCP_CONNTRACK_SYN_SENT, 2)], gone={40001})
+    assert [f.client[1] for f in rescuer(count, kernel).rescue("tcp", VIP, DEAD)] == [40002]
 
 
 def test_without_tracked_entries_or_for_udp_no_socket_is_opened(tmp_path, count):
@@ -192,17 +199,17 @@ def test_without_tracked_entries_or_for_udp_no_socket_is_opened(tmp_path, count)
     assert opened == []
 
 
-def test_sockets_stay_open_between_rescues_and_prepare_loads_ctnetlink(count):
+def test_the_socket_stays_open_between_rescues_and_prepare_loads_ctnetlink(count):
     opened = []
-    dumper = FakeDumpSocket([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1)])
-    r = rescuer(count, dumper, FakeDeleteSocket(), opened)
+    kernel = FakeKernel([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1)])
+    r = rescuer(count, kernel, opened)
     r.prepare()
-    assert dumper.counted == 1
+    assert [m["header"]["type"] for m in kernel.requests] == [conntrack.MSG_CT_GET]
     r.rescue("tcp", VIP, DEAD)
     r.rescue("tcp", VIP, DEAD)
-    assert opened == [("dump", socket.AF_INET), ("delete",)]
+    assert len(opened) == 1
     r.close()
-    assert dumper.closed
+    assert kernel.closed
 
 
 def test_prepare_opens_nothing_without_conntrack(tmp_path):
@@ -211,33 +218,35 @@ def test_prepare_opens_nothing_without_conntrack(tmp_path):
     assert opened == []
 
 
-@pytest.mark.parametrize("error", [OSError(errno.EPERM, "Operation not permitted"), NetlinkError(errno.EPERM)])
-def test_a_failing_kernel_costs_only_the_rescue_and_is_logged_once(count, caplog, error):
+def test_a_failing_kernel_costs_only_the_rescue_and_is_logged_once(count, caplog):
     opened = []
-    dumper = FakeDumpSocket(error=error)
-    r = rescuer(count, dumper, FakeDeleteSocket(), opened)
+    kernel = FakeKernel(error=PermissionError(errno.EPERM, "Operation not permitted"))
+    r = rescuer(count, kernel, opened)
     with caplog.at_level(logging.WARNING, logger="ipvslb"):
         assert r.rescue("tcp", VIP, DEAD) == []
         assert r.rescue("tcp", VIP, DEAD) == []
     assert len([rec for rec in caplog.records if "conntrack" in rec.getMessage()]) == 1
-    assert dumper.closed
-    assert opened.count(("dump", socket.AF_INET)) == 2   # reopened for the second rescue
+    assert kernel.closed
+    assert len(opened) == 2   # reopened for the second rescue
 
 
 def test_a_delete_the_kernel_refuses_fails_the_rescue_without_raising(count, caplog):
-    class Refusing(FakeDeleteSocket):
-        def send(self, data):
-            super().send(data)
-            self._answers = self._answers[:-20] + struct.pack("=i", -errno.EPERM) + bytes(16)
-            return len(data)
-
-    dumper = FakeDumpSocket([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1)])
+    kernel = FakeKernel([kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 1)], refuse=errno.EPERM)
     with caplog.at_level(logging.WARNING, logger="ipvslb"):
-        assert rescuer(count, dumper, Refusing()).rescue("tcp", VIP, DEAD) == []
+        assert rescuer(count, kernel).rescue("tcp", VIP, DEAD) == []
     assert "EPERM" in caplog.text
 
 
-def test_acks_stop_at_a_truncated_message():
+def test_parse_entry_skips_what_is_not_a_tcp_entry_of_the_server():
+    data = as_kernel_sends(kernel_entry(40001, DEAD, TCP_CONNTRACK_SYN_SENT, 7), 1)
+    assert conntrack.parse_entry(data, 16, len(data), (DEAD[0].packed, DEAD[1])).id == 7
+    assert conntrack.parse_entry(data, 16, len(data), (ALIVE[0].packed, ALIVE[1])) is None
+    # Truncated anywhere: no entry, never an exception or a value read past the end.
+    for cut in range(16, len(data)):
+        flow = conntrack.parse_entry(data, 16, cut)
+        assert flow is None or flow.client == ("10.91.0.1", 40001)
+
+
+def test_messages_stop_at_a_truncated_message():
     ok = struct.pack("=IHHIIi", 36, conntrack.NLMSG_ERROR, 0, 5, 0, 0) + bytes(16)
-    assert list(conntrack.acks(ok + ok[:20])) == [(5, 0)]
-    assert list(conntrack.acks(struct.pack("=IHHII", 8, conntrack.NLMSG_ERROR, 0, 1, 0))) == []
+    assert [m[:2] for m in conntrack._messages(ok + ok[:20], len(ok) + 20)] == [(conntrack.NLMSG_ERROR, 5)]
