@@ -17,8 +17,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import (__version__, config, events, health, metrics, probe, status, systemd, udprequest,
-                    udpwatch)
+from ipvslb import (__version__, config, conntrack, events, health, metrics, probe, status, systemd,
+                    udprequest, udpwatch)
 from ipvslb import statedir
 from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
@@ -94,6 +94,8 @@ class Daemon:
         except TracerUnavailable as err:
             self.manager.close()
             raise StartupError(str(err)) from err
+        self.rescuer = conntrack.Rescuer()
+        self.rescuer.prepare()
 
     def _observed_weights(self, services: tuple[Service, ...]) -> dict[tuple, dict]:
         """Weights in the kernel now, for services that exist there (restart continuity)."""
@@ -288,6 +290,8 @@ class Daemon:
                         self.weight_history[(svc.service.key, backend)].append((time.monotonic(), weight))
                         lines.append((logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
                                       weight, reason))
+                        if weight == 0:
+                            self._rescue(svc, backend, lines)
                 case health.StartProbe(backend, timeout):
                     # A TCP probe's SYN leaves now; the task only collects the answer.
                     try:
@@ -328,6 +332,16 @@ class Daemon:
                 asyncio.get_running_loop().call_soon(_emit, lines)
             except RuntimeError:  # no loop yet (start-up): nothing to wait for
                 _emit(lines)
+
+    def _rescue(self, svc: health.ServiceHealth, backend: tuple, lines: list[tuple]) -> None:
+        """Free the connects stuck on a backend just set to weight 0 from their conntrack
+        entries, so that IPVS moves them at their next SYN retransmit (ipvslb.conntrack)."""
+        started = time.monotonic()
+        freed = self.rescuer.rescue(svc.service.protocol, svc.service.key[1:], backend)
+        if freed:
+            lines.append((logging.INFO, "%s %s: %d stuck connects freed from conntrack in %.1f ms (client ports %s), "
+                          "moved at their next SYN retransmit", svc.service.name, format_endpoint(backend), len(freed),
+                          (time.monotonic() - started) * 1000, " ".join(str(f.client[1]) for f in freed)))
 
     async def _watch_udp(self) -> None:
         """Feed UDP services with evidence from IPVS's packet counters, read `udpwatch.STEPS`
@@ -611,6 +625,7 @@ class Daemon:
                 self._drain_handle.cancel()
             server.close()
             self.tracer.close()
+            self.rescuer.close()
             self.manager.close()
 
     def _start_metrics(self, loop: asyncio.AbstractEventLoop) -> None:
