@@ -7,11 +7,13 @@ runs it:
 
 Same topology and client loop for every checker: three backends in network namespaces
 behind one VIP (round robin, weight 10 each), a client making 50 connects/s with a 3 s
-connect timeout. Each checker sees two faults in turn, each lasting FAULT seconds with a
-full recovery in between: a backend whose server was killed (connects are refused) and a
-backend whose host went away (SYNs vanish). The table gives, per fault, the time from the
-fault to the backend's weight 0 (or its removal) in IPVS, and the client connects that
-failed between the fault and its repair.
+connect timeout. Each checker sees three faults in turn, each lasting FAULT seconds with a
+full recovery in between: a backend whose server was killed (connects are refused), a
+backend whose host went away (SYNs vanish), and both at once: the first refuses, and
+COMPOUND_DELAY seconds later, while it is still out, the second goes away. The table
+gives, per fault, the time from the (last) backend's fault to its weight 0 (or its
+removal) in IPVS, and the client connects that failed between the first fault and the
+repair.
 
 keepalived runs as Debian packages it (checkers only, `TCP_CHECK` with `delay_loop 1`,
 `retry 1`, `connect_timeout 1`, `delay_before_retry 1`); "none" is the same IPVS service
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ipvslb import status  # noqa: E402
 from ipvslb.demo import ClientLoop  # noqa: E402
 from ipvslb.ipvs.client import IPVS  # noqa: E402
 from ipvslb.ipvs.specs import ip  # noqa: E402
@@ -37,6 +40,13 @@ from tests.kernel import topology  # noqa: E402
 
 VIP, PORT, WEIGHT = "10.90.0.1", 80, 10
 FAULT = float(os.environ.get("FAULT_SECONDS", 15))
+COMPOUND_DELAY = 3.0
+# Each fault: its name and its steps, (seconds after the fault began, backend index, mode).
+FAULTS = (
+    ("refused", ((0.0, 0, "refuse"),)),
+    ("blackholed", ((0.0, 1, "blackhole"),)),
+    ("refused+blackholed", ((0.0, 0, "refuse"), (COMPOUND_DELAY, 1, "blackhole"))),
+)
 SETTLE = 5.0
 SOCKET = "/run/ipvslb-bench.sock"
 SYSCTL_DEFAULTS = {"net.ipv4.vs.expire_nodest_conn": 0, "net.ipv4.vs.expire_quiescent_template": 0,
@@ -136,6 +146,14 @@ def ready(checker: str, watch: IPVSWatch, endpoints: list[str]) -> bool:
     return watch.all_in(endpoints)
 
 
+def settled(checker: str, watch: IPVSWatch, endpoints: list[str]) -> bool:
+    if checker == "ipvslb":
+        doc = status.fetch(SOCKET)
+        if any(b["probation_until"] is not None for svc in doc["services"] for b in svc["backends"]):
+            return False
+    return watch.all_in(endpoints)
+
+
 def run_checker(checker: str, start, topo, workdir: Path) -> list[dict]:
     topology.sh("ipvsadm", "-C")
     for name, value in SYSCTL_DEFAULTS.items():
@@ -155,19 +173,24 @@ def run_checker(checker: str, start, topo, workdir: Path) -> list[dict]:
         client = ClientLoop(VIP, PORT)
         client.start()
         time.sleep(SETTLE)
-        for fault, backend in (("refused", backends[0]), ("blackholed", backends[1])):
-            endpoint = f"{backend.v4}:{backend.port}"
+        for fault, steps in FAULTS:
             t_fault = time.monotonic()
-            backend.set_mode({"refused": "refuse", "blackholed": "blackhole"}[fault])
-            time.sleep(FAULT)
+            for offset, index, mode in steps:
+                time.sleep(max(0.0, t_fault + offset - time.monotonic()))
+                t_last = time.monotonic()
+                backends[index].set_mode(mode)
+            time.sleep(max(0.0, t_fault + FAULT - time.monotonic()))
             t_repair = time.monotonic()
-            backend.set_mode("accept")
-            out = watch.out_at(endpoint, t_fault)
+            for _, index, _ in steps:
+                backends[index].set_mode("accept")
+            last = backends[steps[-1][1]]
+            out = watch.out_at(f"{last.v4}:{last.port}", t_last)
             rows.append({"checker": checker, "fault": fault, "t_fault": t_fault, "t_repair": t_repair,
-                         "out": None if out is None or out > t_repair else out - t_fault, "client": client})
-            # Back to full health before the next fault, so faults do not overlap.
+                         "out": None if out is None or out > t_repair else out - t_last, "client": client})
+            # Back to full health before the next fault, so faults do not overlap; for ipvslb
+            # also out of probation, where one failure re-quarantines at once.
             deadline = time.monotonic() + 120
-            while not watch.all_in(endpoints) and time.monotonic() < deadline:
+            while not settled(checker, watch, endpoints) and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(SETTLE)
         client.stop()
@@ -200,15 +223,15 @@ def main() -> int:
     finally:
         topo.teardown()
     print(f"\n{FAULT:.0f} s per fault, client 50 connects/s, connect timeout 3 s, kernel {os.uname().release}\n")
-    print(f"{'checker':<11} {'fault':<11} {'weight 0 after':>15} {'connects':>9} {'failed':>7} {'slow >0.5 s':>12}")
+    print(f"{'checker':<11} {'fault':<19} {'weight 0 after':>15} {'connects':>9} {'failed':>7} {'slow >0.5 s':>12}")
     for r in rows:
         out = "never" if r["out"] is None else f"{r['out'] * 1000:.0f} ms"
-        print(f"{r['checker']:<11} {r['fault']:<11} {out:>15} {r['connects']:>9} {r['failed']:>7} {r['slow']:>12}")
+        print(f"{r['checker']:<11} {r['fault']:<19} {out:>15} {r['connects']:>9} {r['failed']:>7} {r['slow']:>12}")
     print("\nfailed connects, ratio to ipvslb (ipvslb counted as 1 when it has 0):")
     by = {(r["checker"], r["fault"]): r["failed"] for r in rows}
-    for fault in ("refused", "blackholed"):
+    for fault, _ in FAULTS:
         ours = max(by[("ipvslb", fault)], 1)
-        print(f"  {fault:<11} keepalived/ipvslb {by[('keepalived', fault)] / ours:6.1f}x   "
+        print(f"  {fault:<19} keepalived/ipvslb {by[('keepalived', fault)] / ours:6.1f}x   "
               f"none/ipvslb {by[('none', fault)] / ours:6.1f}x")
     print(f"logs: {workdir}")
     return 0

@@ -121,15 +121,16 @@ class Topology:
         sh("ip", "link", "del", self.vip_link, check=False)
 
 
-def build(count: int, prefix: str = "t") -> Topology:
-    """Create `count` backends in namespaces and start their echo servers."""
+def build(count: int, prefix: str = "t", first: int = 1) -> Topology:
+    """Create `count` backends in namespaces, numbered from `first` (so that two topologies
+    can live side by side), and start their echo servers."""
     sysctl("net.ipv4.ip_forward", 1)
     sysctl("net.ipv6.conf.all.forwarding", 1)
     sysctl("net.ipv4.conf.all.rp_filter", 0)
     topo = Topology(vip_link=f"{prefix}vip0")
     sh("ip", "link", "add", topo.vip_link, "type", "dummy")
     sh("ip", "link", "set", topo.vip_link, "up")
-    for i in range(1, count + 1):
+    for i in range(first, first + count):
         ns, host_link = f"{prefix}b{i}", f"{prefix}vb{i}"
         b = TestBackend(index=i, namespace=ns, host_link=host_link,
                         v4=ipaddress.IPv4Address(f"10.77.{i}.2"), v6=ipaddress.IPv6Address(f"fd77:{i}::2"),
