@@ -413,3 +413,27 @@ def test_internal_errors_are_exported_per_task(place):
     assert 'ipvslb_internal_errors_total{task="tick"} 0.0' in text
     assert set(metrics.INTERNAL_TASKS) >= {"tick", "evidence", "probe", "verify", "udp_watch", "reload", "status",
                                            "metrics"}
+
+
+def test_systemd_is_told_alive_only_while_the_tracer_reads(place, monkeypatch):
+    d, kernel, tracer = make(place, WEB)
+    started(d)
+    monkeypatch.setenv("WATCHDOG_USEC", "20000")   # fed every 10 ms
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+    class Broken(RuntimeError):
+        pass
+
+    async def watch(seconds: float) -> int:
+        before = place.notes.count("WATCHDOG")
+        task = asyncio.create_task(d._watchdog())
+        await asyncio.sleep(seconds)
+        task.cancel()
+        return place.notes.count("WATCHDOG") - before
+
+    async def main():
+        assert await watch(0.1) >= 5
+        monkeypatch.setattr(tracer, "read", lambda timeout_ms=0: (_ for _ in ()).throw(Broken("wedged ring")))
+        assert await watch(0.1) == 0
+    asyncio.run(main())
+    assert d.internal_errors["evidence"] >= 5
