@@ -4,8 +4,14 @@ UDP has no handshake for the tracer to watch, but IPVS counts packets both ways 
 destination. The daemon reads the counters `STEPS` times per `udp_reply_window`; a backend
 that has been sent packets and sent none back for a whole window since is a soft failure,
 anything coming back is a success. The window is measured from the first reading that saw
-a packet go out unanswered, so a backend that stops replying is judged one window (and one
-reading) after the first request it leaves unanswered, whatever the phase of the readings.
+a packet go out unanswered.
+
+IPVS refreshes the counters it reports only every `IPVS_REFRESH` seconds (its rate
+estimator sums the per-CPU counters then), so a reading sees packets up to 2 s late: a
+backend that stops replying is judged 2-4 s (the refresh that still holds its last replies,
+then one that shows only requests) plus one window after its first silence. A lone request
+whose reply comes just after a refresh looks unanswered until the next one: that window's
+soft failure only makes the backend suspect, and the probe clears it.
 
 ICMP errors that IPVS itself generates (no usable destination) never reach these counters.
 An ICMP error the backend sends is counted as a packet from it, like a reply: the tracer
@@ -20,6 +26,8 @@ from ipvslb import health
 
 # Readings per reply window: a silent backend is judged at most window / STEPS late.
 STEPS = 4
+# Seconds between IPVS's refreshes of the counters it reports (ip_vs_est.c: every 2 s).
+IPVS_REFRESH = 2.0
 
 # backend key -> (packets to the backend, packets from the backend), IPVS's cumulative counters
 Counters = Mapping[health.BackendKey, tuple[int, int]]
