@@ -32,6 +32,8 @@ BOOT = [
 ]
 # The emulator pattern as the package install test met it on 6.12 (Debian 13, guest time
 # 316 s): an int3 trap in hash_conntrack_raw whose Code: bytes hold a nop (66 <90>) there.
+# Rebuilt from that run's account (the trap bytes, the functions, the panic); the other
+# bytes and the timestamps are filled in. tests/unit/test_run_vm.py has a recorded one.
 EMULATOR = BOOT + [
     "[  316.201734] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
     "[  316.201990] CPU: 1 UID: 0 PID: 0 Comm: swapper/1 Not tainted 6.12.117+deb13-amd64 #1",
