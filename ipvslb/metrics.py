@@ -90,7 +90,8 @@ class SnapshotCollector(Collector):
         build.add_metric([__version__], 1)
         yield build
         reloads = CounterMetricFamily("ipvslb_reloads", "Configuration reloads (SIGHUP) by outcome: failed is "
-                                      "a configuration refused, IPVS left as it was.", labels=["outcome"])
+                                      "a file refused, or a change IPVS or the tracer refused and that was "
+                                      "taken back; the configuration in force stays.", labels=["outcome"])
         for outcome in RELOAD_OUTCOMES:
             reloads.add_metric([outcome], doc.get("reloads", {}).get(outcome, 0))
         yield reloads
