@@ -83,11 +83,12 @@ Decisions where health.md is silent:
   backend's own probe when its suspicion is silent. A passed peer check makes that peer
   usable; a failed one is failure evidence against that peer (it becomes suspect, its own
   probe decides).
-- Freeze (evidence that the problem is this host's): when a silent failure finds no usable
-  peer after every peer in rotation was checked, at least MIN_FREEZE_BACKENDS backends are
-  in rotation and none of their latest failures is a refusal (probes to every backend
-  unanswered together); or when a probe fails on this host (ProbeResult.local: no route,
-  a local firewall, no source address) and no peer is usable. A local failure is never
+- Freeze (evidence that the problem is this host's): when a silent failure of a backend
+  with no life since `since` finds no usable peer after every peer in rotation was checked,
+  none of their latest failures is a refusal, and at least MIN_FREEZE_BACKENDS backends
+  failed together (those in rotation, plus those taken out on a silent failure since
+  `since`, which go back in with the freeze); or, under the same conditions, when a probe
+  fails on this host (ProbeResult.local: no route, a local firewall, no source address). A local failure is never
   evidence against the backend: with a usable peer it is withheld ("no path from this
   host") and re-probed with backoff. The freeze lifts at the first life after it began
   (a client success or a passed probe); withheld backends are then re-probed at once.
@@ -423,6 +424,7 @@ class _Backend:
     probe_started_at: float | None = None
     peer_check: bool = False  # the outstanding probe asks about life for another's verdict
     awaiting: _Confirmed | None = None  # a confirmed failure waiting for peer checks
+    silent_out_at: float | None = None  # quarantined then on a silent failure (no answer)
     counters: Counter = field(default_factory=lambda: Counter({name: 0 for name in COUNTERS}))
     transitions: Counter = field(default_factory=Counter)
 
@@ -623,34 +625,42 @@ class ServiceHealth:
         A refusal proves this host's path to the backend works and that the backend serves
         no one: it goes out while another backend is in rotation. A silent failure (no
         answer) goes out when a peer is usable now; with none known, peer checks decide. If
-        every backend in rotation then failed silently, or a probe failed on this host, the
+        every backend then failed silently together, or a probe failed on this host, the
         evidence points at this host: quarantines freeze."""
         peers = [o for o in self._eligible() if o is not b and o.in_rotation]
         if self._frozen:
             return _Verdict.WITHHOLD, "quarantines frozen"
+        usable = not c.answered and any(self._usable_now(o, c.since) for o in peers)
+        if not c.answered and not usable:
+            if any(o.probe_outstanding or self._unchecked(o, c.since) for o in peers):
+                return _Verdict.WAIT, ""
+            together = len(peers) + len(self._out_together(b, c.since)) + 1
+            silent = b.alive_at is None or b.alive_at < c.since  # no client got through meanwhile
+            if together >= MIN_FREEZE_BACKENDS and silent and not any(o.failed_answered for o in peers):
+                if c.local:
+                    return _Verdict.FREEZE, f"{format_endpoint(b.key)}: {c.evidence} on this host, " \
+                                            "and no backend is usable"
+                return _Verdict.FREEZE, f"probes to all {together} backends went unanswered together"
         if not peers:
             return _Verdict.WITHHOLD, "last usable backend"
         cap = self.settings.max_quarantined
         if cap is not None and sum(o.state in OUT_OF_ROTATION for o in self._eligible()) >= cap:
             return _Verdict.WITHHOLD, f"max_quarantined ({cap}) already out"
-        if c.answered:
-            return _Verdict.QUARANTINE, ""
-        if any(self._usable_now(o, c.since) for o in peers):
-            # Others serve, so this host has a path; a local error is about this backend's route.
-            return (_Verdict.WITHHOLD, "no path from this host") if c.local else (_Verdict.QUARANTINE, "")
-        if any(o.probe_outstanding or self._unchecked(o, c.since) for o in peers):
-            return _Verdict.WAIT, ""
-        if c.local:
-            return _Verdict.FREEZE, f"{format_endpoint(b.key)}: {c.evidence} on this host, and no backend is usable"
-        if len(peers) + 1 >= MIN_FREEZE_BACKENDS and not any(o.failed_answered for o in peers):
-            return _Verdict.FREEZE, f"probes to all {len(peers) + 1} backends in rotation went unanswered"
-        return _Verdict.QUARANTINE, ""  # the others refuse: the path works, they are failing too
+        if c.local:  # others serve or refuse, so this host has a path: this is about this backend's route
+            return _Verdict.WITHHOLD, "no path from this host"
+        return _Verdict.QUARANTINE, ""  # a refusal, a usable peer, or the others refuse too
+
+    def _out_together(self, b: _Backend, since: float) -> list[_Backend]:
+        """Backends taken out on a silent failure since `b`'s failing evidence began: if
+        that turns out to be this host's failure, they went out for it too."""
+        return [o for o in self._eligible() if o is not b and o.state in OUT_OF_ROTATION
+                and o.silent_out_at is not None and o.silent_out_at >= since]
 
     def _try_quarantine(self, b: _Backend, now: float, c: _Confirmed) -> list[Action]:
         verdict, reason = self._verdict(b, c)
         waited, b.awaiting = b.awaiting, None
         if verdict is _Verdict.QUARANTINE:
-            return self._quarantine(b, now, c.evidence, c.relapse)
+            return self._quarantine(b, now, c.evidence, c.relapse, silent=not c.answered)
         if verdict is _Verdict.WAIT:
             if b.state is State.HEALTHY:  # a streak on a healthy backend: its own probe decides
                 return self._suspect(b, now, f"{c.evidence}; no peer known usable: probing")
@@ -660,7 +670,10 @@ class ServiceHealth:
             return self._start_peer_checks(b, c.since, now)
         actions: list[Action] = []
         if verdict is _Verdict.FREEZE:
+            together = self._out_together(b, c.since)
             actions += self._freeze(now, reason)
+            for o in together:  # back in: what took them out was this host's failure
+                actions += self._release(o, now, "quarantines frozen")
             reason = "quarantines frozen"
         return actions + self._withhold(b, now, c.evidence, reason)
 
@@ -807,8 +820,10 @@ class ServiceHealth:
             actions += self._start_peer_checks(b, b.failing_since, now)
         return actions
 
-    def _quarantine(self, b: _Backend, now: float, evidence: str, relapse: bool) -> list[Action]:
+    def _quarantine(self, b: _Backend, now: float, evidence: str, relapse: bool,
+                    silent: bool = False) -> list[Action]:
         s = self.settings
+        b.silent_out_at = now if silent else None
         if relapse:
             b.backoff = self._grown(b.backoff)
         b.interval = b.backoff

@@ -150,7 +150,7 @@ def test_2c_probes_to_every_backend_failing_together_freeze_and_all_come_back():
         build_history(h, k, 0.0)
     actions = _link_down(h, 10.0, (A, B, C))
     (report,) = only(actions, FreezeReported)
-    assert "probes to all 3 backends in rotation went unanswered" in report.reason
+    assert "probes to all 3 backends went unanswered together" in report.reason
     assert out(h) == set() and h.frozen
     assert {w.guard for w in only(actions, QuarantineWithheld)} == {"quarantines frozen"}
     # Re-probes while the path is still gone change nothing.
@@ -341,3 +341,41 @@ def test_a_failed_peer_check_leads_to_the_freeze_within_one_more_probe():
     assert h.state(B) is State.SUSPECT and only(actions, StartProbe) == [StartProbe(B, pytest.approx(0.2))]
     actions = probe(h, B, False, 10.6)
     assert h.frozen and only(actions, FreezeReported) and out(h) == set()
+
+
+def test_backends_taken_out_while_this_host_was_losing_its_path_go_back_in_with_the_freeze():
+    """The path to each backend goes a little after the previous one (links one by one): the
+    first goes out while the others still serve; when every one is silent it is this host's
+    failure, and what went out for it goes back in."""
+    h = make_engine(n=3)
+    for k in (A, B, C):
+        build_history(h, k, 0.0)
+    hang(h, A, 10.0)
+    connect_ok(h, B, 10.05)
+    connect_ok(h, C, 10.15)
+    hang(h, B, 10.16)
+    hang(h, C, 10.3)
+    h.tick(10.2)
+    probe(h, A, False, 10.4)
+    assert out(h) == {A}  # B and C had shown life since A's connect began
+    h.tick(10.36)
+    probe(h, B, False, 10.56)
+    assert out(h) == {A, B}  # C had too
+    h.tick(10.5)
+    actions = probe(h, C, False, 10.7)
+    assert h.frozen and "probes to all 3 backends went unanswered together" in only(actions, FreezeReported)[0].reason
+    assert out(h) == set() and all(h.state(k) is State.SUSPECT for k in (A, B, C))
+
+
+def test_a_backend_out_on_a_refusal_stays_out_when_the_rest_go_silent():
+    h = make_engine(n=3)
+    for k in (A, B, C):
+        build_history(h, k, 0.0)
+    quarantine(h, A, 10.0)
+    hang(h, B, 10.1)
+    hang(h, C, 10.1)
+    h.tick(10.3)
+    probe(h, B, False, 10.5)
+    actions = probe(h, C, False, 10.5)
+    assert h.frozen and "probes to all 2 backends" in only(actions, FreezeReported)[0].reason
+    assert out(h) == {A}
