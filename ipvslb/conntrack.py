@@ -5,7 +5,7 @@ IPVS moves a connect stuck in SYN_SENT on a backend at weight 0 to another backe
 next SYN retransmit (expire_nodest_conn), unless that retransmit belongs to a confirmed
 conntrack entry: the entry's reply direction is bound to the old backend, so IPVS drops
 the retransmit and expires the connection with its entry, and only the retransmit after
-that (3 s into the connect) is scheduled afresh. Deleting the entries of such connects
+that (3 s into the connect on 6.1, 2 s on 6.12) is scheduled afresh. Deleting the entries of such connects
 when their backend is quarantined makes the next retransmit (1 s) new to conntrack, and
 IPVS schedules it to a healthy backend at once.
 
@@ -153,7 +153,7 @@ class Rescuer:
             self.close()   # reopened at the next rescue
             if not self._warned:
                 log.warning("conntrack: cannot read or delete entries (%s): a connect stuck on a quarantined "
-                            "backend moves at its second SYN retransmit (3 s), not its first", err)
+                            "backend moves at its second SYN retransmit (2-3 s), not its first", err)
                 self._warned = True
             return None
 

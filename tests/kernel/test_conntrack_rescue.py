@@ -130,8 +130,9 @@ def test_deleting_the_entries_moves_stuck_connects_at_the_first_retransmit(topo,
     finally:
         rescuer.close()
     # The limit it works around: IPVS drops the first retransmit of a connect whose
-    # conntrack entry is confirmed, and the second (3 s) goes through.
-    assert all(e >= 2.5 for e in results[False]), results[False]
+    # conntrack entry is confirmed, and the next goes through: 3 s after the connect began
+    # on 6.1, 2 s on 6.12 (measured; its first SYN retransmits are 1 s apart).
+    assert all(e >= 1.5 for e in results[False]), results[False]
     assert all(e < 1.5 for e in results[True]), results[True]
 
 
