@@ -66,7 +66,7 @@ class SnapshotCollector(Collector):
         counters = {k: CounterMetricFamily(name.removesuffix("_total"), doc_, labels=labels)
                     for k, (name, doc_) in BACKEND_COUNTERS.items()}
         frozen = GaugeMetricFamily("ipvslb_service_frozen",
-                                   "1 while quarantines are frozen by correlated failures.", labels=["service"])
+                                   "1 while quarantines are frozen: the evidence says this host has no path to the backends.", labels=["service"])
         for svc in doc.get("services", []):
             frozen.add_metric([svc["name"]], float(bool(svc.get("frozen"))))
             for b in svc.get("backends", []):

@@ -126,7 +126,7 @@ def _render(doc: dict) -> str:
              f"connects counted without records: {doc.get('counted_successes', 0)}"]
     header = ("BACKEND", "STATE", "WEIGHT", "SINCE", "OK", "HARD", "SOFT", "QUAR", "LAST EVIDENCE")
     for svc in doc.get("services", []):
-        freeze = "  [FROZEN: correlated failures]" if svc.get("frozen") else ""
+        freeze = f"  [FROZEN: {svc.get('freeze_reason') or 'this host has no path'}]" if svc.get("frozen") else ""
         lines.append("")
         lines.append(f"{svc['name']}  {svc['protocol']} {svc['vip']}{freeze}")
         rows = [header]

@@ -99,8 +99,7 @@ pass "exposure $exposure"
 
 step backends
 # Three backends, each in its own network namespace behind a veth pair, serving HTTP on
-# 8080. (Three: with two, losing one is half the service, which the daemon treats as a
-# correlated failure of this host's own path and does not quarantine.)
+# 8080.
 echo 1 > /proc/sys/net/ipv4/ip_forward
 for i in 1 2 3; do
   ip netns add "be$i"
