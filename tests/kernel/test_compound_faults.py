@@ -19,6 +19,7 @@ from ipvslb.demo import ClientLoop
 from tests.kernel import topology
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.test_daemon import WORK, DaemonProcess, first_weight, wait_for
+from tests.kernel.test_daemon import kernel_weights as weights_of  # of a given VIP
 from tests.kernel.wire import SynWatch
 
 THREE = ("10.91.0.3", 80)  # a service over backends b4 b5 b6
@@ -77,17 +78,6 @@ def daemon(four_backends):
 
 def rows(daemon, service: str) -> dict[str, dict]:
     return {b["endpoint"]: b for s in daemon.status()["services"] if s["name"] == service for b in s["backends"]}
-
-
-def kernel_weights(vip: tuple[str, int]) -> dict[str, int]:
-    weights, inside = {}, False
-    for line in ipvsadm("-Ln").splitlines():
-        fields = line.split()
-        if fields[:1] == ["TCP"]:
-            inside = fields[1] == f"{vip[0]}:{vip[1]}"
-        elif inside and fields[:1] == ["->"] and fields[1][0].isdigit():
-            weights[fields[1]] = int(fields[3])
-    return weights
 
 
 @pytest.fixture
@@ -156,7 +146,7 @@ def test_a_second_backend_blackholed_while_a_refusing_one_is_out_is_also_out(cli
     print(f"refused: weight 0 after {refused_out * 1000:.0f} ms; blackholed: weight 0 after "
           f"{blackholed_out * 1000:.0f} ms ({(fault + blackholed_out - first_syn) * 1000:.0f} ms after the first "
           f"SYN it swallowed); {len(failed)} of {len(loop.attempts)} connects failed: {failed}")
-    assert kernel_weights(THREE) == {endpoint(a): 0, endpoint(b): 0, endpoint(c): WEIGHT}
+    assert weights_of(*THREE) == {endpoint(a): 0, endpoint(b): 0, endpoint(c): WEIGHT}
     assert len(failed) <= 2, "\n".join(failed + [fresh.log()[-3000:]])
 
 
@@ -175,7 +165,7 @@ def test_three_of_four_backends_failing_in_turn_are_all_out(client, fresh, four_
     loop.stop()
     failed = failures(loop, start)
     print("; ".join(times) + f"; {len(failed)} of {len(loop.attempts)} connects failed: {failed}")
-    assert kernel_weights(FOUR) == {**{endpoint(b): 0 for b in backends[:3]}, endpoint(backends[3]): WEIGHT}
+    assert weights_of(*FOUR) == {**{endpoint(b): 0 for b in backends[:3]}, endpoint(backends[3]): WEIGHT}
     assert len(failed) <= 3, "\n".join(failed + [fresh.log()[-3000:]])
 
 
@@ -233,7 +223,7 @@ def test_this_host_losing_its_path_to_every_backend_quarantines_nothing(how, cli
           f"{sum(1 for a in after if not a.ok)} failed; freeze lines: "
           f"{[line for line in fresh.log().splitlines() if 'freez' in line or 'frozen' in line][-3:]}")
     assert all(not changes for changes in lowered.values()), lowered
-    assert kernel_weights(THREE) == {endpoint(b): WEIGHT for b in backends}
+    assert weights_of(*THREE) == {endpoint(b): WEIGHT for b in backends}
     assert fresh.proc.pid == pid and fresh.proc.poll() is None
     assert after and all(a.ok for a in after)
     assert {a.backend for a in after} == {f"b{b.index}" for b in backends}
@@ -250,11 +240,11 @@ def test_a_backend_1500ms_away_is_never_out_while_a_blackhole_beside_it_is_caugh
     far, near, other = four_backends.backends[:3]
     write_config([near, other], four_backends.backends)
     fresh.proc.send_signal(1)
-    wait_for(lambda: endpoint(far) not in kernel_weights(THREE), 10, "the far backend out of the service")
+    wait_for(lambda: endpoint(far) not in weights_of(*THREE), 10, "the far backend out of the service")
     far.set_delay(FAR_MS)
     write_config([far, near, other], four_backends.backends)
     fresh.proc.send_signal(1)
-    wait_for(lambda: endpoint(far) in kernel_weights(THREE), 10, "the far backend in the service")
+    wait_for(lambda: endpoint(far) in weights_of(*THREE), 10, "the far backend in the service")
     try:
         joined = time.monotonic()
         loop = client(THREE)

@@ -83,13 +83,13 @@ class DaemonProcess:
             self.proc.wait(20)
 
 
-def kernel_weights() -> dict[str, int]:
-    """Destination weights of our VIP as ipvsadm (the independent oracle) sees them."""
+def kernel_weights(vip: str = VIP, port: int = PORT) -> dict[str, int]:
+    """Destination weights of a TCP VIP as ipvsadm (the independent oracle) sees them."""
     weights, inside = {}, False
     for line in ipvsadm("-Ln").splitlines():
         fields = line.split()
         if fields[:1] == ["TCP"]:
-            inside = fields[1] == f"{VIP}:{PORT}"
+            inside = fields[1] == f"{vip}:{port}"
         elif inside and fields[:1] == ["->"] and fields[1][0].isdigit():
             weights[fields[1]] = int(fields[3])
     return weights
