@@ -76,6 +76,7 @@ def test_an_unreachable_from_the_backend_is_traced_to_it_and_one_from_ipvs_never
     port, answer = ask(vip, PORT)
     assert answer == errno.ECONNREFUSED, f"the client should see the backend's ICMP, got {answer!r}"
     records = unreachables(tracer, port)
+    print(f"{len(records)} unreachable record(s) for one request: {records}")
     assert records, "the backend's unreachable was not traced"
     # Each record must name the backend. Not exactly one: in a whole-suite run on 6.1 (after
     # the conntrack tests had loaded nf_conntrack) one request's ICMP came as two records,
