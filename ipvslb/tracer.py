@@ -195,6 +195,8 @@ class Tracer:
             self.use_conntable()
             return
         self.attribution = "kprobe"
+        if self.udp_unreachables:
+            return  # attached once already (use_conntable leaves them): twice would double each record
         for event, fn in ICMP_KPROBES.items():
             try:
                 self.bpf.attach_kprobe(event=event, fn_name=fn)
