@@ -131,13 +131,20 @@ def _bpf_map_create() -> int | None:
 def state_dir(path: str) -> str | None:
     """The directory exists or can be made, and takes a new file (a read-only mount, such
     as the packaged unit's ProtectSystem=strict outside its StateDirectory=, does not)."""
+    if (err := _unwritable(path, 0o700)) is not None:
+        return (f"state directory {path} is not writable ({err}): set settings.state_dir to a "
+                "writable directory (the packaged unit lets the daemon write /var/lib/ipvslb)")
+    return None
+
+
+def _unwritable(directory: str, mode: int) -> str | None:
+    """Why `directory` cannot be made or take a new file, or None when it can."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        os.makedirs(directory, mode=mode, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as err:
-        return (f"state directory {path} is not writable ({err.strerror or err}): set settings.state_dir to a "
-                "writable directory (the packaged unit lets the daemon write /var/lib/ipvslb)")
+        return str(err.strerror or err)
     return None
 
 
@@ -145,12 +152,8 @@ def status_socket(path: str) -> str | None:
     from ipvslb import status
 
     parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        return (f"status socket {path}: directory {parent} is not writable ({err.strerror or err}): set "
+    if (err := _unwritable(parent, 0o755)) is not None:
+        return (f"status socket {path}: directory {parent} is not writable ({err}): set "
                 "settings.status_socket to a writable place (the packaged unit lets the daemon write /run/ipvslb)")
     return status.path_problem(path)
 
