@@ -37,7 +37,7 @@ test-kernel: venv kernels
 # The main job: a live failover demo in a VM on Debian's 6.12 kernel.
 demo: venv
 	$(PY) testbed/kernels.py fetch 6.12
-	$(PY) -m ipvslb demo --kernel 6.12
+	$(PY) testbed/demo.py --kernel 6.12
 
 clean:
 	rm -rf $(VENV) build *.egg-info

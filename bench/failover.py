@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipvslb import status  # noqa: E402
-from ipvslb.demo import ClientLoop  # noqa: E402
+from tests.kernel.client import ClientLoop  # noqa: E402
 from ipvslb.ipvs.client import IPVS  # noqa: E402
 from ipvslb.ipvs.specs import ip  # noqa: E402
 from tests.kernel import topology  # noqa: E402

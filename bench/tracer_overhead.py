@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ipvslb.events import CountedSince  # noqa: E402
+from ipvslb.tracer.records import CountedSince  # noqa: E402
 from ipvslb.model import TracerSettings  # noqa: E402
-from ipvslb.tracer import KPROBE, Tracer  # noqa: E402
+from ipvslb.tracer.loader import KPROBE, Tracer  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 
 VIP, PORT = "10.90.0.1", 80

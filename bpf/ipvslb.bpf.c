@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-// ipvslb connection tracer, loaded by ipvslb/tracer.py with bcc.
+// ipvslb connection tracer, loaded by ipvslb/tracer/loader.py with bcc.
 //
 // Reports the fate of every TCP connect to a managed VIP:port and the real backend IPVS
 // chose for it, and the ICMP unreachables backends send for UDP flows to a VIP. Only sockets whose destination is in `vips` are tracked: any other
@@ -16,7 +16,7 @@
 // RINGBUF_PAGES (power of two), and the offsets in struct sock of the fields read:
 // SKC_DADDR, SKC_RCV_SADDR, SKC_DPORT, SKC_FAMILY, SKC_STATE, SKC_V6_DADDR,
 // SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT, and SK_HEAD_LEN, the length of the struct's
-// head that holds the first five (see ipvslb/tracer.py); SKB_HEAD and SKB_NETWORK_HEADER in
+// head that holds the first five (see ipvslb/tracer/loader.py); SKB_HEAD and SKB_NETWORK_HEADER in
 // struct sk_buff.
 #include <uapi/linux/ptrace.h>
 
@@ -27,7 +27,7 @@
 #define RINGBUF_PAGES 64
 #endif
 #ifndef SK_PROTOCOL
-#error "the loader passes the offsets of struct sock's fields (ipvslb/tracer.py)"
+#error "the loader passes the offsets of struct sock's fields (ipvslb/tracer/loader.py)"
 #endif
 
 #define AF_INET 2
@@ -106,7 +106,7 @@ struct conn {
     u32 slot;             // when counted: its pair's slot in `pair_counts`
 };
 
-// One (VIP, backend) pair. Layout encoded by ipvslb/events.py ("<16s16sHHBBBx").
+// One (VIP, backend) pair. Layout encoded by ipvslb/tracer/records.py ("<16s16sHHBBBx").
 struct pair {
     u8 vaddr[16];
     u8 baddr[16];
@@ -118,14 +118,14 @@ struct pair {
     u8 pad;
 };
 
-// Read by ipvslb/tracer.py through the memory mapping of `pair_counts` ("<QQQ").
+// Read by ipvslb/tracer/loader.py through the memory mapping of `pair_counts` ("<QQQ").
 struct pair_stats {
     u64 last_timed_ns;    // start of the last connect reported with CONNECT and ESTABLISHED
     u64 counted;          // connects established without records (monotonic)
     u64 last_counted_ns;  // when the last of them was established
 };
 
-// Fixed layout decoded by ipvslb/events.py (RECORD, "<QQQ16s16s16sHHHHBBBBB3x").
+// Fixed layout decoded by ipvslb/tracer/records.py (RECORD, "<QQQ16s16s16sHHHHBBBBB3x").
 struct record {
     u64 ts;
     u64 sock;

@@ -1,4 +1,4 @@
-"""Command line: `ipvslb run | check-config | status | events | demo`."""
+"""Command line: `ipvslb run | check-config | status | events`."""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
     run.set_defaults(handler=_run)
 
-    demo = sub.add_parser("demo", help="live failover demo: boots a Debian kernel VM (source checkout) and "
-                          "shows a refused and a blackholed backend taken out and brought back")
-    demo.add_argument("--kernel", default="6.12", help="test-bed kernel for the VM: 6.1, 6.12 or newest (default 6.12)")
-    demo.add_argument("--here", action="store_true", help="run on this host instead of a VM (needs root and IPVS)")
-    demo.set_defaults(handler=_demo)
 
     status = sub.add_parser("status", help="show services, backends, health states and weights of the running daemon")
     _add_daemon_options(status)
@@ -83,12 +78,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ipvslb: cannot start: {problems[0]}", file=sys.stderr, flush=True)
         return 1
     return daemon.main(args.config)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from ipvslb import demo
-
-    return demo.run_here() if args.here else demo.run_in_vm(args.kernel)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -26,7 +26,6 @@ import yaml
 
 from ipvslb import model
 
-PROTOCOLS = ("tcp", "udp")
 FORWARDING = ("masq", "route", "tunnel")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Durations are capped so that timer arithmetic in the daemon can never overflow.
@@ -689,7 +688,7 @@ def _scheduler_flags() -> _Field:
 
 _SERVICE = {
     "name": _name().needed(),
-    "protocol": _choice(PROTOCOLS).defaulting("tcp"),
+    "protocol": _choice(tuple(model.PROTOCOLS)).defaulting("tcp"),
     "vip": _vip().needed(),
     "port": _port().needed(),
     "scheduler": _choice(model.SCHEDULERS),
@@ -762,7 +761,7 @@ def _backends(raw: Any, path: str, report: _Report,
         key = (values.get("address"), values.get("port"))
         if key[0] is not None and key[1] is not None and first.setdefault(key, i) != i:
             report.error(item_path, "duplicate backend",
-                         f"each address and port once (backends[{first[key]}] has it)", _show_endpoint(*key))
+                         f"each address and port once (backends[{first[key]}] has it)", model.format_endpoint(key))
             ok = False
         backends.append(model.Backend(**values) if ok else None)
     return tuple(backends) if all(b is not None for b in backends) else None
@@ -837,13 +836,10 @@ def _unique_services(services: list[dict[str, Any]], path: str, report: _Report)
         if None not in key and keys.setdefault(key, i) != i:
             report.error(f"{path}[{i}]", "duplicate protocol, vip and port",
                          f"each once across services ({path}[{keys[key]}] has it)",
-                         f"{key[0]} {_show_endpoint(key[1], key[2])}")
+                         f"{key[0]} {model.format_endpoint(key[1:])}")
             ok = False
     return ok
 
-
-def _show_endpoint(address: model.IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 _CONFIG = {

@@ -17,13 +17,13 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import (__version__, config, conntrack, events, health, metrics, probe, status, systemd,
+from ipvslb import (__version__, config, conntrack, health, metrics, probe, status, systemd,
                     udprequest, udpwatch)
 from ipvslb import statedir
-from ipvslb.events import format_endpoint
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
-from ipvslb.model import Config, Service
+from ipvslb.model import Config, Service, format_endpoint
+from ipvslb.tracer import records
 from ipvslb.tracer import Tracer, TracerUnavailable
 
 log = logging.getLogger("ipvslb")
@@ -65,7 +65,7 @@ class Daemon:
         self.records: collections.Counter[str] = collections.Counter()
         # Successes the tracer counted without records: total, and its last count per pair.
         self.counted_successes = 0
-        self._counted = events.CountedSince()
+        self._counted = records.CountedSince()
         self.reconcile = ReconcileStats()
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -209,10 +209,10 @@ class Daemon:
             self.records[event.kind.label] += 1
             svc = self._service_for(event.protocol, event.vip)
             found = health.evidence_from(event)
-            if event.kind is events.Kind.UNREACHABLE and event.backend is not None:
+            if event.kind is records.Kind.UNREACHABLE and event.backend is not None:
                 # Only the backend's own ICMP reaches this record (the tracer never reports
                 # IPVS's), so it is the hard failure health.py's contract allows.
-                found = health.UdpUnreachable(event.backend, event.ts, events.unreachable_reason(event))
+                found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
             if svc is not None and found is not None:
                 if isinstance(found, health.Established) and found.connect_time is not None:
                     self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
@@ -227,7 +227,7 @@ class Daemon:
         self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
 
-    def _newly_counted(self) -> list[tuple[events.Counted, int]]:
+    def _newly_counted(self) -> list[tuple[records.Counted, int]]:
         """Per (VIP, backend), the connects the kernel counted since the last call."""
         if not self.tracer.sample_interval:
             return []

@@ -13,6 +13,19 @@ from typing import Literal
 Protocol = Literal["tcp", "udp"]
 Forwarding = Literal["masq", "route", "tunnel"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# An address and port: a backend, a VIP, a client. Services add the protocol in front.
+Endpoint = tuple[IPAddress, int]
+ServiceKey = tuple[Protocol, IPAddress, int]
+# The one protocol table (IP protocol numbers), shared by the config, IPVS and the tracer.
+PROTOCOLS: dict[str, int] = {"tcp": 6, "udp": 17}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    """`10.0.0.1:80`, `[fd00::1]:80`: how every log line, status row and error shows one."""
+    addr, port = endpoint
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
 
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos")
 # Names as ipvsadm spells them; the kernel knows them as IP_VS_SVC_F_SCHED1..3.
@@ -59,7 +72,7 @@ class Backend:
     weight: int = 1
 
     @property
-    def key(self) -> tuple[IPAddress, int]:
+    def key(self) -> Endpoint:
         return (self.address, self.port)
 
 
@@ -77,7 +90,7 @@ class Service:
     health: HealthSettings = field(default_factory=HealthSettings)
 
     @property
-    def key(self) -> tuple[Protocol, IPAddress, int]:
+    def key(self) -> ServiceKey:
         return (self.protocol, self.vip, self.port)
 
     @property

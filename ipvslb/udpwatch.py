@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ipvslb import health
+from ipvslb import health, model
 
 # Readings per reply window: a silent backend is judged at most window / STEPS late.
 STEPS = 4
@@ -30,7 +30,7 @@ STEPS = 4
 IPVS_REFRESH = 2.0
 
 # backend key -> (packets to the backend, packets from the backend), IPVS's cumulative counters
-Counters = Mapping[health.BackendKey, tuple[int, int]]
+Counters = Mapping[model.Endpoint, tuple[int, int]]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ReplyWatch:
 
     def __init__(self, window: float):
         self.window = window
-        self._backends: dict[health.BackendKey, _Backend] = {}
+        self._backends: dict[model.Endpoint, _Backend] = {}
 
     @property
     def interval(self) -> float:

@@ -18,11 +18,10 @@ import struct
 from collections.abc import Iterator
 
 from ipvslb.ipvs import messages
+from ipvslb.model import PROTOCOL_NAMES, PROTOCOLS
 from ipvslb.ipvs.specs import (
     AF_INET,
     CONN_F_FWD_MASK,
-    PROTOCOL_NAMES,
-    PROTOCOLS,
     SVC_F_MANAGED,
     DestSpec,
     KernelDest,

@@ -30,8 +30,6 @@ from ipvslb.ipvs.vips import VipInterface
 
 log = logging.getLogger(__name__)
 
-ServiceKey = tuple[str, model.IPAddress, int]
-BackendKey = tuple[model.IPAddress, int]
 
 
 class ApplyResult(NamedTuple):
@@ -60,8 +58,8 @@ class Manager:
             self.vips = None
         self.ownership = Ownership(settings.state_dir)
         sysctls.apply(settings.sysctls, sysctl_root)
-        self._services: dict[ServiceKey, model.Service] = {}
-        self._overrides: dict[tuple[ServiceKey, BackendKey], int] = {}
+        self._services: dict[model.ServiceKey, model.Service] = {}
+        self._overrides: dict[tuple[model.ServiceKey, model.Endpoint], int] = {}
         # id(service) -> (service, its spec, its destinations at configured weights).
         # The daemon passes the same frozen objects until a reload, and building 10 000
         # destination specs would be most of what an unchanged apply costs.
@@ -188,7 +186,7 @@ class Manager:
             vips = self.vips.addresses()
         return Snapshot(taken, services, dests, vips)
 
-    def hold_weight(self, service: ServiceKey, backend: BackendKey, weight: int | None) -> None:
+    def hold_weight(self, service: model.ServiceKey, backend: model.Endpoint, weight: int | None) -> None:
         """Remember the weight the health layer wants without writing it: the next apply
         writes it (or nothing, if the kernel has it already). A weight at or above the
         configured one, or None, gives the backend back to the configuration."""
@@ -197,7 +195,7 @@ class Manager:
         else:
             self._overrides[(service, backend)] = weight
 
-    def set_weight(self, service: ServiceKey, backend: BackendKey, weight: int | None) -> int:
+    def set_weight(self, service: model.ServiceKey, backend: model.Endpoint, weight: int | None) -> int:
         """hold_weight, and write the resulting weight now (one write). Returns it."""
         svc = self._services[service]
         configured = next((b for b in svc.backends if b.key == backend), None)

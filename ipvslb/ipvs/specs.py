@@ -7,12 +7,11 @@ build ten thousand `ipaddress` objects just to compare them.
 from __future__ import annotations
 
 import ipaddress
+from socket import AF_INET, AF_INET6
 from typing import NamedTuple
 
 from ipvslb import model
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 
 # IP_VS_SVC_F_*
 SVC_F_PERSISTENT = 0x0001
@@ -35,7 +34,6 @@ FORWARDING = {"masq": 0, "tunnel": 2, "route": 3}
 FORWARDING_NAMES = {number: name for name, number in FORWARDING.items()}
 CONN_F_FWD_MASK = 0x0007
 
-AF_INET, AF_INET6 = 2, 10
 NETMASK_V4 = 0xFFFFFFFF  # what ipvsadm sends for IPv4: persistence per client address
 NETMASK_V6 = 128         # an IPv6 netmask is a prefix length
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb.demo import ClientLoop
+from tests.kernel.client import ClientLoop
 from tests.kernel import topology
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.test_daemon import WORK, DaemonProcess, first_weight, wait_for

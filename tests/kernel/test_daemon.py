@@ -18,7 +18,7 @@ from ipvslb import config as config_module
 from ipvslb import health, status
 from ipvslb.ipvs.client import IPVS
 from ipvslb.ipvs.specs import Op, dest_spec, service_spec
-from ipvslb.demo import ClientLoop
+from tests.kernel.client import ClientLoop
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.wire import ResetWatch, SynWatch
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb.events import Kind
+from ipvslb.tracer.records import Kind
 from tests.kernel.conftest import ConnectFailed, connect, ipvsadm
 from tests.kernel.test_smoke import PORT, VIP4, VIP6, add_service
 

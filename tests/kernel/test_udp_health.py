@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ipvslb.events import Kind
+from ipvslb.tracer.records import Kind
 from ipvslb.model import HealthSettings
 from ipvslb.udpwatch import IPVS_REFRESH, STEPS
 from tests.kernel.conftest import ipvsadm

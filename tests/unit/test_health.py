@@ -8,7 +8,7 @@ import random
 import pytest
 
 from ipvslb import health, metrics, status
-from ipvslb.events import ConnEvent, Kind
+from ipvslb.tracer.records import ConnEvent, Kind
 from ipvslb.health import (
     ClosedInSynSent, ConnectStarted, Established, ProbeResult,
     QuarantineWithheld, ResetInSynSent, ServiceHealth, SetWeight, StartProbe, State, Successes, SynRetransmit,

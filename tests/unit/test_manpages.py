@@ -41,7 +41,7 @@ def test_ipvslb_8_has_every_command_and_option_of_the_parser():
     assert page.startswith(f'.TH IPVSLB 8 "" "ipvslb {__version__}"')
     text = _plain(page)
     commands = gen._commands(build_parser())
-    assert {name for name, _, _ in commands} >= {"run", "check-config", "status", "events", "demo"}
+    assert {name for name, _, _ in commands} >= {"run", "check-config", "status", "events"}
     for name, help_, sub in commands:
         assert f".SS {name}\n" in page
         assert f"ipvslb {name}" in text  # its synopsis line

@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipvslb import __version__, config, daemon, health, metrics
-from ipvslb.events import ConnEvent, Kind
+from ipvslb.tracer.records import ConnEvent, Kind
 
 ROOT = Path(__file__).resolve().parents[2]
 # Series Prometheus makes itself for every scrape target.

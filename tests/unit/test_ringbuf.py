@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from ipvslb.ringbuf import BUSY_BIT, DISCARD_BIT, RingBuffer
+from ipvslb.tracer.ringbuf import BUSY_BIT, DISCARD_BIT, RingBuffer
 
 PAGE = mmap.PAGESIZE
 SIZE = PAGE  # one data page

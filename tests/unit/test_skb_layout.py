@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb import btf
-from ipvslb.btf import Field
-from ipvslb.tracer import TracerUnavailable, skb_flags
+from ipvslb.tracer import btf
+from ipvslb.tracer.btf import Field
+from ipvslb.tracer.loader import TracerUnavailable, skb_flags
 
 # struct sk_buff of Debian's 6.12 kernel (the fields the ICMP kprobes read).
 SKB = {"head": Field(200, 8, False), "network_header": Field(186, 2, False)}

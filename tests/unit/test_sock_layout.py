@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb import btf
-from ipvslb.btf import Field
-from ipvslb.tracer import SOCK_FIELDS, TracerUnavailable, layout_flags
+from ipvslb.tracer import btf
+from ipvslb.tracer.btf import Field
+from ipvslb.tracer.loader import SOCK_FIELDS, TracerUnavailable, layout_flags
 
 # struct sock_common and struct sock of Debian's 6.12 kernel (the fields the tracer reads).
 COMMON = {"skc_daddr": Field(0, 4, False), "skc_rcv_saddr": Field(4, 4, False), "skc_dport": Field(12, 2, False),

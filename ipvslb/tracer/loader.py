@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb import btf, conntable, events, paircounts, ringbuf
-from ipvslb.events import ConnEvent
+from ipvslb.tracer import btf, conntable, paircounts, records, ringbuf
+from ipvslb.tracer.records import ConnEvent
 from ipvslb.model import IPAddress, TracerSettings
 
 __all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
@@ -170,14 +170,14 @@ class Tracer:
         else:
             self.use_conntable()
         ring_fd = self.bpf[b"records"].map_fd
-        self._ring = ringbuf.RingBuffer(ring_fd, pages * mmap.PAGESIZE, events.RECORD.size)
+        self._ring = ringbuf.RingBuffer(ring_fd, pages * mmap.PAGESIZE, records.RECORD.size)
         # The ring buffer's own fd polls readable whenever any record is unread, so a loop
         # waiting on it would spin on the routine records that are meant to wait for the
         # next read. Edge-triggered, this epoll reports only the kernel's wakeups.
         self._wakeups = select.epoll()
         self._wakeups.register(ring_fd, select.EPOLLIN | select.EPOLLET)
         counts = self.bpf[b"pair_counts"]
-        size = len(counts) * events.PAIR_STATS.size
+        size = len(counts) * records.PAIR_STATS.size
         self._counts_map = mmap.mmap(counts.map_fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE,
                                      mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._pair_counts = paircounts.PairCounts(_KernelSlots(self.bpf[b"pair_slots"]),
@@ -213,7 +213,7 @@ class Tracer:
     def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
         """Trace exactly these (protocol, address, port) services from now on."""
         vips = list(vips)
-        wanted = {events.vip_key(*v) for v in vips}
+        wanted = {records.vip_key(*v) for v in vips}
         ports = {port for protocol, _address, port in vips if protocol == "tcp"}
         port_table = self.bpf[b"vip_ports"]
         for port in ports - self._ports:
@@ -222,7 +222,7 @@ class Tracer:
         for key in self._vips - wanted:
             del table[table.Key.from_buffer_copy(key)]
         # Free the count slots of services no longer traced (they are bounded).
-        self._pair_counts.forget(lambda protocol, vip: events.vip_key(protocol, *vip) in wanted)
+        self._pair_counts.forget(lambda protocol, vip: records.vip_key(protocol, *vip) in wanted)
         for key in wanted - self._vips:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
         for port in self._ports - ports:
@@ -240,7 +240,7 @@ class Tracer:
         """Everything recorded so far, after waiting up to timeout_ms for a wakeup."""
         self._wakeups.poll(timeout_ms / 1000)  # also clears the wakeup fileno() reported
         runs = self._ring.drain()
-        batch = events.decode_slots(runs[0] if len(runs) == 1 else b"".join(runs))
+        batch = records.decode_slots(runs[0] if len(runs) == 1 else b"".join(runs))
         if self.attribution == "conntable" and any(e.backend is None for e in batch):
             table = conntable.read()
             batch = [e.with_backend(table.get((e.protocol, e.client, e.vip))) if e.backend is None else e
@@ -264,7 +264,7 @@ class Tracer:
         self.sample_interval = seconds
         self.bpf[b"options"][ctypes.c_int(2)] = ctypes.c_uint32(round(seconds * 1_000_000))
 
-    def counted(self) -> list[events.Counted]:
+    def counted(self) -> list[records.Counted]:
         """Successes counted in the kernel rather than reported, per (VIP, backend).
         Counts only grow; a reader takes the difference from its last call."""
         return self._pair_counts.read()

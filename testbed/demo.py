@@ -1,17 +1,16 @@
-"""`ipvslb demo`: a live failover demonstration.
+#!/usr/bin/env python3
+"""`make demo`: a live failover demonstration (`testbed/demo.py [--kernel 6.12] [--here]`).
 
-On the host (no IPVS needed) it boots a Debian kernel in a VM through the source checkout's
-test bed and runs itself there with `--here`. Inside, it builds three backends in network
+On the host (no IPVS needed) it boots a Debian kernel in a VM through the test bed and runs
+itself there with `--here`. Inside, it builds three backends in network
 namespaces, starts `ipvslb run` on a VIP in front of them, drives a client loop of 50
 connects/s, makes one backend refuse and another blackhole, restores both, shows the live
 status table, and ends with a summary.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import argparse
 import os
-import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,77 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipvslb import status
-
 CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(CHECKOUT))  # a script in testbed/: the checkout's packages
+
+from ipvslb import status  # noqa: E402
+from tests.kernel import topology  # noqa: E402
+from tests.kernel.client import CONNECT_TIMEOUT, RATE, ClientLoop  # noqa: E402
 VIP, PORT = "10.90.0.1", 80
-RATE = 50
-CONNECT_TIMEOUT = 3.0
 SOCKET = "/run/ipvslb-demo.sock"  # not in workdir: that may be a 9p share, where sockets cannot live
-
-
-@dataclass
-class Attempt:
-    started: float
-    ok: bool
-    elapsed: float
-    backend: str = ""
-    error: str = ""  # "connect: ..." or "greeting: ...": which step failed
-    client_port: int = 0  # to find the connect on the wire
-
-
-class ClientLoop:
-    """`rate` connects per second to the VIP, each in a worker so a stuck one does not block."""
-
-    def __init__(self, vip: str = VIP, port: int = PORT, rate: int = RATE, timeout: float = CONNECT_TIMEOUT):
-        self.target, self.rate, self.timeout = (vip, port), rate, timeout
-        self.attempts: list[Attempt] = []
-        self._stop = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(4 * rate * timeout) + 8)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _one(self) -> None:
-        started = time.monotonic()
-        family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
-        port, step = 0, "connect"
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                # Non-blocking, so the client port is known before the connect ends: a failed
-                # connect gives its port back.
-                s.setblocking(False)
-                s.connect_ex(self.target)
-                port = s.getsockname()[1]
-                writable = select.poll()  # not select(): threads of a busy client hold fds past 1024
-                writable.register(s, select.POLLOUT)
-                if not writable.poll(self.timeout * 1000):
-                    raise TimeoutError("timed out")
-                if err := s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                    raise OSError(err, os.strerror(err))
-                step = "greeting"
-                s.settimeout(self.timeout)
-                name = s.makefile("rb").readline().strip().decode()
-            self.attempts.append(Attempt(started, True, time.monotonic() - started, name, client_port=port))
-        except OSError as err:
-            self.attempts.append(Attempt(started, False, time.monotonic() - started,
-                                         error=f"{step}: {err.strerror or err}", client_port=port))
-
-    def _run(self) -> None:
-        tick = time.monotonic()
-        while not self._stop.is_set():
-            self._pool.submit(self._one)
-            tick += 1.0 / self.rate
-            time.sleep(max(0.0, tick - time.monotonic()))
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop starting connects and wait for those under way. Safe to call more than once,
-        and before start (a caller's cleanup after a failed set-up)."""
-        self._stop.set()
-        if self._thread.ident is not None:
-            self._thread.join()
-        self._pool.shutdown(wait=True)
 
 
 class WeightWatch:
@@ -162,12 +98,6 @@ def _show(watch: WeightWatch, title: str) -> None:
 
 
 def run_here(fault_seconds: float = 10.0) -> int:
-    sys.path.insert(0, str(CHECKOUT))
-    try:
-        from tests.kernel import topology
-    except ImportError:
-        print("ipvslb demo needs a source checkout (tests/kernel/topology.py)", file=sys.stderr)
-        return 1
     for module in ("ip_vs", "ip_vs_rr"):
         topology.sh("modprobe", module)
     # In the VM runner's results directory when there is one, so the host keeps the daemon log.
@@ -179,7 +109,7 @@ def run_here(fault_seconds: float = 10.0) -> int:
     daemon = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(config)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=CHECKOUT)
     watch = WeightWatch(SOCKET)
-    client = ClientLoop()
+    client = ClientLoop(VIP, PORT)
     try:
         deadline = time.monotonic() + 180
         while not Path(SOCKET).exists():
@@ -260,10 +190,18 @@ def _ms(t: float | None, since: float) -> str:
 
 
 def run_in_vm(kernel: str) -> int:
-    runner = CHECKOUT / "testbed" / "run_vm.py"
-    if not runner.exists():
-        print("ipvslb demo needs a source checkout with testbed/ (or use --here on a host with IPVS)",
-              file=sys.stderr)
-        return 1
-    return subprocess.call([sys.executable, str(runner), "--kernels", kernel,
-                            "--exec", "python3 -m ipvslb demo --here"])
+    return subprocess.call([sys.executable, str(CHECKOUT / "testbed" / "run_vm.py"), "--kernels", kernel,
+                            "--exec", "python3 testbed/demo.py --here"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Live failover demo: three backends, a client loop of "
+                                     f"{RATE} connects/s, one backend refusing, another blackholed, both restored.")
+    parser.add_argument("--kernel", default="6.12", help="test-bed kernel for the VM: 6.1, 6.12 or newest (default 6.12)")
+    parser.add_argument("--here", action="store_true", help="run on this host instead of a VM (needs root and IPVS)")
+    args = parser.parse_args()
+    return run_here() if args.here else run_in_vm(args.kernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,10 +15,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ipvslb import events
+from ipvslb.tracer import records
 
-WORDS_PER_SLOT = events.PAIR_STATS.size // 8  # last_timed_ns, counted, last_counted_ns
-Pair = tuple[str, events.Endpoint, events.Endpoint]  # protocol, VIP, backend
+WORDS_PER_SLOT = records.PAIR_STATS.size // 8  # last_timed_ns, counted, last_counted_ns
+Pair = tuple[str, records.Endpoint, records.Endpoint]  # protocol, VIP, backend
 
 
 class SlotMap(Protocol):
@@ -34,7 +34,7 @@ class PairCounts:
     `capacity` slots of struct pair_stats."""
 
     def __init__(self, slots: SlotMap, counts: memoryview, capacity: int):
-        if len(counts) < capacity * events.PAIR_STATS.size:
+        if len(counts) < capacity * records.PAIR_STATS.size:
             raise ValueError(f"{len(counts)} bytes cannot hold {capacity} pair slots")
         self._kernel_slots = slots
         # Aligned 8-byte loads and stores: the kernel updates these words while they are read.
@@ -46,11 +46,11 @@ class PairCounts:
         # pair that gets it next.
         self._freed: deque[int] = deque()
 
-    def learn(self, batch: Iterable[events.ConnEvent]) -> None:
+    def learn(self, batch: Iterable[records.ConnEvent]) -> None:
         """Give a slot to every TCP pair a timed connect in `batch` went to that has none.
         With all slots taken, the pairs without one keep having every connect timed."""
         for event in batch:
-            if event.kind is events.Kind.CONNECT and event.backend and event.protocol == "tcp":
+            if event.kind is records.Kind.CONNECT and event.backend and event.protocol == "tcp":
                 pair = (event.protocol, event.vip, event.backend)
                 if pair not in self._slots:
                     self._assign(pair)
@@ -62,21 +62,21 @@ class PairCounts:
                 return
             slot = self._freed.popleft()
         base = slot * WORDS_PER_SLOT
-        self._words[base:base + WORDS_PER_SLOT] = memoryview(bytes(events.PAIR_STATS.size)).cast("Q")
-        self._kernel_slots[events.pair_key(*pair)] = slot
+        self._words[base:base + WORDS_PER_SLOT] = memoryview(bytes(records.PAIR_STATS.size)).cast("Q")
+        self._kernel_slots[records.pair_key(*pair)] = slot
         self._slots[pair] = slot
 
-    def forget(self, keep: Callable[[str, events.Endpoint], bool]) -> None:
+    def forget(self, keep: Callable[[str, records.Endpoint], bool]) -> None:
         """Free the slots of the pairs whose (protocol, VIP) `keep` refuses."""
         for pair in [p for p in self._slots if not keep(p[0], p[1])]:
-            del self._kernel_slots[events.pair_key(*pair)]
+            del self._kernel_slots[records.pair_key(*pair)]
             self._freed.append(self._slots.pop(pair))
 
-    def read(self) -> list[events.Counted]:
+    def read(self) -> list[records.Counted]:
         """Every pair with a slot, with its count so far (counts only grow while the pair
         keeps its slot) and when the last one established."""
         words = self._words
-        return [events.Counted(protocol, vip, backend, words[slot * WORDS_PER_SLOT + 1],
+        return [records.Counted(protocol, vip, backend, words[slot * WORDS_PER_SLOT + 1],
                                words[slot * WORDS_PER_SLOT + 2] / 1e9)
                 for (protocol, vip, backend), slot in self._slots.items()]
 

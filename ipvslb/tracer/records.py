@@ -7,16 +7,14 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
+from socket import AF_INET, AF_INET6
 from typing import NamedTuple
 
-from ipvslb.model import IPAddress
+from ipvslb.model import PROTOCOL_NAMES, PROTOCOLS, Endpoint, IPAddress, format_endpoint
 
 RECORD = struct.Struct("<QQQ16s16s16sHHHHBBBBB3x")
 # A record as it sits in the BPF ring buffer: an 8-byte header (length, page offset) first.
 RING_SLOT = struct.Struct("<8x" + RECORD.format.lstrip("<"))
-AF_INET, AF_INET6 = 2, 10
-PROTOCOLS = {6: "tcp", 17: "udp"}
-PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
 
 
 class Kind(enum.IntEnum):
@@ -42,7 +40,6 @@ class Kind(enum.IntEnum):
 
 
 _LABELS = {kind: kind.name.lower().replace("_", "-") for kind in Kind}
-Endpoint = tuple[IPAddress, int]
 
 
 class ConnEvent(NamedTuple):
@@ -103,10 +100,6 @@ def unreachable_reason(event: ConnEvent) -> str:
     return "ICMP " + ICMP_UNREACHABLE.get(event.icmp_code, f"unreachable code {event.icmp_code}")
 
 
-def format_endpoint(endpoint: Endpoint) -> str:
-    addr, port = endpoint
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
-
 
 class _Addresses(dict):
     """Raw 16-byte addresses of one family -> address objects. The same few VIPs, backends
@@ -142,7 +135,7 @@ def _event(ts: int, sock: int, elapsed_ns: int, caddr: bytes, vaddr: bytes, badd
            bfamily: int, icmp_code: int) -> ConnEvent:
     """One record, every code checked: the path for records decode_slots' fast path refuses."""
     return ConnEvent(
-        Kind(kind), ts / 1e9, sock, PROTOCOLS.get(protocol, str(protocol)),
+        Kind(kind), ts / 1e9, sock, PROTOCOL_NAMES.get(protocol, str(protocol)),
         (_address(caddr, family), cport), (_address(vaddr, family), vport),
         (_address(baddr, bfamily), bport) if bfamily else None, retransmits, elapsed_ns / 1e9, icmp_code,
     )
@@ -153,7 +146,7 @@ def decode_slots(data: bytes) -> list[ConnEvent]:
 
     Called for thousands of records a second: one comprehension with no Python-level call
     per record. A record with an unknown kind, protocol or family falls back to _event."""
-    addresses, kinds, protocols, new = _ADDRESSES, _KINDS, PROTOCOLS, _new_tuple
+    addresses, kinds, protocols, new = _ADDRESSES, _KINDS, PROTOCOL_NAMES, _new_tuple
     try:
         return [new(ConnEvent, (kinds[kind], ts / 1e9, sock, protocols[protocol],
                                 (addresses[family][caddr], cport), (addresses[family][vaddr], vport),
@@ -187,7 +180,7 @@ def pair_key(protocol: str, vip: Endpoint, backend: Endpoint) -> bytes:
     return PAIR.pack(vaddr.packed.ljust(16, b"\0"), baddr.packed.ljust(16, b"\0"), vport, bport,
                      AF_INET if vaddr.version == 4 else AF_INET6,
                      AF_INET if baddr.version == 4 else AF_INET6,
-                     PROTOCOL_NUMBERS[protocol])
+                     PROTOCOLS[protocol])
 
 
 class CountedSince:
@@ -213,6 +206,6 @@ class CountedSince:
 
 def vip_key(protocol: str, address: IPAddress, port: int) -> bytes:
     """The `vips` map key (struct vip_key) for one managed service."""
-    proto = PROTOCOL_NUMBERS[protocol]
+    proto = PROTOCOLS[protocol]
     family = AF_INET if address.version == 4 else AF_INET6
     return struct.pack("<16sHBB", address.packed.ljust(16, b"\0"), port, proto, family)

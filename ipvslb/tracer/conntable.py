@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from ipvslb.events import Endpoint
+from ipvslb.tracer.records import Endpoint
 from ipvslb.model import IPAddress
 
 PATH = "/proc/net/ip_vs_conn"
