@@ -7,9 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 KERNELS ?= 6.1 6.12
 
-.PHONY: check setup venv kernels test test-unit test-kernel demo smoke-demo clean
+.PHONY: check setup venv kernels lint test test-unit test-kernel demo smoke-demo clean
 
-check: setup lint-ansible test-collection test check-monitoring test-package
+check: lint setup lint-ansible test-collection test check-monitoring test-package
 
 setup: venv kernels
 
@@ -18,13 +18,18 @@ $(VENV)/.done: pyproject.toml
 	$(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e . --no-deps
-	$(PY) -m pip install -q pytest hypothesis virtme-ng jinja2
+	$(PY) -m pip install -q pytest hypothesis virtme-ng jinja2 ruff mypy
 	touch $@
 
 venv: $(VENV)/.done
 
 kernels: venv
 	$(PY) testbed/kernels.py fetch $(KERNELS)
+
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]); first in `make check`, it fails in seconds.
+lint: venv
+	$(VENV)/bin/ruff check ipvslb tests bench testbed
+	$(VENV)/bin/mypy ipvslb
 
 test: test-unit test-kernel
 
