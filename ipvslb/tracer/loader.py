@@ -31,7 +31,7 @@ class TracerUnavailable(RuntimeError):
 def source_path() -> Path:
     candidates = [
         os.environ.get("IPVSLB_BPF_DIR"),
-        Path(__file__).resolve().parent.parent / "bpf",  # source checkout
+        Path(__file__).resolve().parents[2] / "bpf",  # source checkout
         "/usr/share/ipvslb/bpf",  # packages
     ]
     for directory in candidates:
