@@ -17,8 +17,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import (__version__, config, conntrack, health, metrics, probe, status, systemd,
-                    udprequest, udpwatch)
+from ipvslb import (__version__, actions, config, conntrack, health, metrics, probe, status, systemd,
+                    udpwatch)
 from ipvslb import statedir
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
@@ -38,10 +38,6 @@ class ReconcileStats:
     runs: int = 0
     writes: int = 0
     last_seconds: float = 0.0
-
-
-def probe_result(backend: tuple, outcome: probe.ProbeOutcome, now: float) -> health.ProbeResult:
-    return health.ProbeResult(backend, outcome.ok, now, outcome.detail, local=outcome.local, refused=outcome.refused)
 
 
 class Daemon:
@@ -71,11 +67,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tick_handle: asyncio.TimerHandle | None = None
         self._drain_handle: asyncio.TimerHandle | None = None
-        self._probes: set[asyncio.Task] = set()
-        # (service key, backend) -> recent (monotonic time, weight) written to IPVS, so that
-        # status and tests can measure evidence-to-weight latency.
-        self.weight_history: dict[tuple, collections.deque] = collections.defaultdict(
-            lambda: collections.deque(maxlen=32))
         # (service key, backend) -> the timed connects' histogram, for metrics.
         self.connect_times: dict[tuple, metrics.ConnectTimes] = collections.defaultdict(metrics.ConnectTimes)
         self.reloads: collections.Counter[str] = collections.Counter()
@@ -96,6 +87,12 @@ class Daemon:
             raise StartupError(str(err)) from err
         self.rescuer = conntrack.Rescuer()
         self.rescuer.prepare()
+        self._start_executor()
+
+    def _start_executor(self) -> None:
+        self.executor = actions.Executor(
+            self.manager, self.rescuer, self.prober, rng=self.rng, internal_error=self._internal_error,
+            current=lambda svc: self.health.get(svc.service.key) is svc, after_probe=self._schedule_tick)
 
     def _observed_weights(self, services: tuple[Service, ...]) -> dict[tuple, dict]:
         """Weights in the kernel now, for services that exist there (restart continuity)."""
@@ -216,14 +213,14 @@ class Daemon:
             if svc is not None and found is not None:
                 if isinstance(found, health.Established) and found.connect_time is not None:
                     self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
-                self._act(svc, svc.feed(found, now))
+                self.executor.act(svc, svc.feed(found, now))
         # After the records' actions: a refusal's weight 0 should not wait for the counts.
         # Health does not let a success end a failure streak that began after it (it
         # compares their times).
         counted = self._newly_counted()
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
-                self._act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
+                self.executor.act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
         self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
 
@@ -248,7 +245,7 @@ class Daemon:
         failed = False
         for svc in list(self.health.values()):
             try:
-                self._act(svc, svc.tick(now))
+                self.executor.act(svc, svc.tick(now))
             except Exception as err:  # one service's fault must not stop the others' timers
                 self._internal_error("tick", err)
                 failed = True
@@ -270,78 +267,6 @@ class Daemon:
         if deadlines:
             # loop.time() is time.monotonic(), the clock health is fed with.
             self._tick_handle = asyncio.get_running_loop().call_at(min(deadlines), self._tick)
-
-    def _act(self, svc: health.ServiceHealth, actions: list, lines: list[tuple] | None = None) -> None:
-        # Weights and probes first, log lines afterwards: under load a log write costs
-        # milliseconds, and the weight change is what the clients are waiting for.
-        name = svc.service.name
-        emit = lines is None
-        lines = [] if lines is None else lines
-        answered: list[tuple[tuple, probe.ProbeOutcome]] = []
-        for action in actions:
-            match action:
-                case health.SetWeight(backend, weight, reason):
-                    try:
-                        self.manager.set_weight(svc.service.key, backend, weight)
-                    except (OSError, KeyError) as err:
-                        lines.append((logging.ERROR, "%s %s: cannot set weight %d: %s",
-                                      name, format_endpoint(backend), weight, err))
-                    else:
-                        self.weight_history[(svc.service.key, backend)].append((time.monotonic(), weight))
-                        lines.append((logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
-                                      weight, reason))
-                        if weight == 0:
-                            self._rescue(svc, backend, lines)
-                case health.StartProbe(backend, timeout):
-                    # A TCP probe's SYN leaves now; the task only collects the answer.
-                    try:
-                        started = self.prober.TcpProbe(*backend) if svc.service.protocol == "tcp" else None
-                    except OSError as err:
-                        # No socket (EMFILE, ENOBUFS): a failed probe, this host's fault, so
-                        # that health gets its one result and the backend does not wait forever.
-                        answered.append((backend, cannot_probe(err)))
-                        continue
-                    if started is not None and started.outcome is not None:
-                        # Refused (or accepted) before connect() returned, as a backend on a
-                        # local link often is: judged below, not a loop turn later in a task
-                        # (10-20 ms measured in the test VM, most of a refusal's budget).
-                        started.close()
-                        answered.append((backend, started.outcome))
-                        continue
-                    task = asyncio.get_running_loop().create_task(self._probe(svc, backend, timeout, started))
-                    self._probes.add(task)
-                    task.add_done_callback(self._probes.discard)
-                case health.Transition(backend, old, new, evidence):
-                    lines.append((logging.WARNING, "%s %s: %s -> %s: %s", name, format_endpoint(backend),
-                                  old, new, evidence))
-                case health.QuarantineWithheld(backend, guard, evidence):
-                    lines.append((logging.WARNING, "%s %s: quarantine withheld by guard (%s): %s", name,
-                                  format_endpoint(backend), guard, evidence))
-                case health.FreezeReported(_, reason):
-                    lines.append((logging.ERROR, "%s: quarantines frozen, suspecting this host's own path: %s",
-                                  name, reason))
-                case health.FreezeLifted(_, reason):
-                    lines.append((logging.WARNING, "%s: quarantine freeze lifted: %s", name, reason))
-        for backend, outcome in answered:
-            # After this batch's other actions, which the engine decided before the answer.
-            now = time.monotonic()
-            self._act(svc, svc.feed(probe_result(backend, outcome, now), now), lines)
-        if lines and emit:
-            try:
-                # After the probes just created have sent their SYN (call_soon runs in order).
-                asyncio.get_running_loop().call_soon(_emit, lines)
-            except RuntimeError:  # no loop yet (start-up): nothing to wait for
-                _emit(lines)
-
-    def _rescue(self, svc: health.ServiceHealth, backend: tuple, lines: list[tuple]) -> None:
-        """Free the connects stuck on a backend just set to weight 0 from their conntrack
-        entries, so that IPVS moves them at their next SYN retransmit (ipvslb.conntrack)."""
-        started = time.monotonic()
-        freed = self.rescuer.rescue(svc.service.protocol, svc.service.key[1:], backend)
-        if freed:
-            lines.append((logging.INFO, "%s %s: %d stuck connects freed from conntrack in %.1f ms (client ports %s), "
-                          "moved at their next SYN retransmit", svc.service.name, format_endpoint(backend), len(freed),
-                          (time.monotonic() - started) * 1000, " ".join(str(f.client[1]) for f in freed)))
 
     async def _watch_udp(self) -> None:
         """Feed UDP services with evidence from IPVS's packet counters, read `udpwatch.STEPS`
@@ -365,29 +290,8 @@ class Daemon:
                 current = {(ip(d.spec.address), d.spec.port): (d.stats.inpkts, d.stats.outpkts)
                            for d in dests if d.stats is not None}
                 for evidence in watches[svc.service.key].judge(current, now):
-                    self._act(svc, svc.feed(evidence, now))
+                    self.executor.act(svc, svc.feed(evidence, now))
             self._schedule_tick()
-
-    async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float,
-                     started: probe.TcpProbe | None) -> None:
-        try:
-            if started is not None:
-                outcome = await started.result(timeout)
-            else:
-                request = udprequest.for_service(svc.service, self.rng.getrandbits(16))
-                outcome = await self.prober.probe(svc.service.protocol, backend[0], backend[1], timeout, request)
-        except Exception as err:  # still one result for the one StartProbe
-            self._internal_error("probe", err)
-            outcome = cannot_probe(err)
-        if self.health.get(svc.service.key) is not svc:
-            return  # the service was reloaded away while the probe ran
-        now = time.monotonic()
-        result = probe_result(backend, outcome, now)
-        try:
-            self._act(svc, svc.feed(result, now))
-        except Exception as err:
-            self._internal_error("probe", err)
-        self._schedule_tick()
 
     # -- reload --------------------------------------------------------------------------
 
@@ -491,8 +395,8 @@ class Daemon:
         for svc in new.services:
             self._hold_wanted_weights(svc)
         self._apply(routine=True)  # what the trial missed (normally nothing: no writes)
-        for svc, actions in pending:
-            self._act(svc, [a for a in actions if not isinstance(a, health.SetWeight)])
+        for held, decided in pending:
+            self.executor.act(held, [a for a in decided if not isinstance(a, health.SetWeight)])
         self._schedule_tick()
         return True
 
@@ -531,8 +435,9 @@ class Daemon:
     def _service_snapshot(self, svc: health.ServiceHealth) -> dict:
         doc = svc.snapshot()
         keys = {format_endpoint(b.key): b.key for b in svc.service.backends}
+        history = self.executor.weight_history
         for row in doc["backends"]:
-            row["weight_history"] = list(self.weight_history.get((svc.service.key, keys.get(row["endpoint"])), ()))
+            row["weight_history"] = list(history.get((svc.service.key, keys.get(row["endpoint"])), ()))
             if hist := self.connect_times.get((svc.service.key, keys.get(row["endpoint"]))):
                 row["connect_seconds"] = hist.snapshot()
         return doc
@@ -618,8 +523,7 @@ class Daemon:
                 self._reload_task.cancel()
             udp_watch.cancel()
             verify.cancel()
-            for task in self._probes:
-                task.cancel()
+            self.executor.cancel()
             loop.remove_reader(self.tracer.fileno())
             if self._drain_handle is not None:
                 self._drain_handle.cancel()
@@ -682,11 +586,6 @@ ERROR_BACKOFF = 0.05  # seconds without ticks after a tick or evidence exception
 ERROR_RESTART = 1.0   # seconds before a task that ended in an exception starts again
 
 
-def cannot_probe(err: BaseException) -> probe.ProbeOutcome:
-    """A probe that could not be made: a failure on this host, no evidence against the backend."""
-    return probe.ProbeOutcome(False, f"probe not made: {err}", 0.0, local=True)
-
-
 def _notify_reloading() -> None:
     systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
@@ -707,11 +606,6 @@ def set_nice(nice: int | None) -> None:
 
 async def _call(fn):
     return fn()
-
-
-def _emit(lines: list[tuple]) -> None:
-    for level, message, *args in lines:
-        log.log(level, message, *args)
 
 
 def setup_logging(level: str) -> None:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ipvslb import config, daemon, health, probe, statedir, systemd
+from ipvslb import config, daemon, health, statedir, systemd
 from ipvslb.ipvs import Manager, messages
 from ipvslb.ipvs.client import IPVS
 from tests.unit.fake_ipvs import FAMILY, FakeKernel
@@ -56,6 +56,7 @@ class FakeTracer:
         self.attribution = "fake"
         self.compile_seconds = 0.0
         self.udp_unreachables = False
+        self.udp_counting = False
         self.on_create = None
 
     def fileno(self):
@@ -232,9 +233,9 @@ def test_a_probe_that_cannot_start_is_one_local_failure(place, monkeypatch):
     class NoSockets:
         def TcpProbe(self, *args):
             raise OSError(errno.EMFILE, "Too many open files")
-    d.prober = NoSockets()
+    d.executor.prober = NoSockets()
     backend = svc.service.backends[0].key
-    d._act(svc, [health.StartProbe(backend, 1.0)], [])
+    d.executor.act(svc, [health.StartProbe(backend, 1.0)])
     assert len(fed) == 1
     assert isinstance(fed[0], health.ProbeResult) and fed[0].backend == backend
     assert not fed[0].ok and fed[0].local
@@ -251,9 +252,9 @@ def test_a_probe_task_that_raises_still_gives_its_result(place, monkeypatch):
         raise OSError(errno.EMFILE, "Too many open files")
 
     async def main():
-        d.prober = SimpleNamespace(probe=broken)
-        d._act(svc, [health.StartProbe(svc.service.backends[0].key, 1.0)], [])
-        await asyncio.gather(*d._probes)
+        d.executor.prober = SimpleNamespace(probe=broken)
+        d.executor.act(svc, [health.StartProbe(svc.service.backends[0].key, 1.0)])
+        await asyncio.gather(*d.executor.probes)
     asyncio.run(main())
     assert len(fed) == 1 and not fed[0].ok and fed[0].local
     assert d.internal_errors == {"probe": 1}

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from ipvslb import daemon, health, probe
+from ipvslb import actions, health, probe
 
 LOCALHOST = ipaddress.ip_address("127.0.0.1")
 
@@ -43,5 +43,5 @@ def test_a_real_refusal_on_loopback_says_refused():
 
 def test_the_daemon_passes_both_flags_to_the_engine():
     outcome = probe.ProbeOutcome(False, "ENETUNREACH (Network is unreachable)", 0.0, local=True)
-    result = daemon.probe_result((LOCALHOST, 80), outcome, 5.0)
+    result = actions.probe_result((LOCALHOST, 80), outcome, 5.0)
     assert result == health.ProbeResult((LOCALHOST, 80), False, 5.0, outcome.detail, local=True, refused=False)

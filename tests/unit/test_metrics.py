@@ -48,6 +48,7 @@ class Tracer:
 class Manager:
     def __init__(self):
         self.weights = {}
+        self.drains = frozenset()
 
     def set_weight(self, service, backend, weight):
         self.weights[(service, backend)] = weight
@@ -64,7 +65,8 @@ def running(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text((ROOT / "examples" / "config.yaml").read_text())
     d = daemon.Daemon(str(path), config.load(path), random.Random(1))
-    d.tracer, d.manager = Tracer(), Manager()
+    d.tracer, d.manager, d.rescuer = Tracer(), Manager(), None
+    d._start_executor()
     now = time.monotonic()
     d.health = {svc.key: health.ServiceHealth(svc, d.rng, now) for svc in d.cfg.services}
     return d
