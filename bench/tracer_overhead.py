@@ -332,7 +332,7 @@ def main() -> None:
         clients.close()
         lost = tracer.lost_records()
         skipped = tracer.missed_runs()
-        counted = sum(c.count for c in tracer.counted())
+        counted = sum(c.connects for c in tracer.counted())
         tracer.close()
         empty.cleanup()
         topology.sh("ipvsadm", "-C")

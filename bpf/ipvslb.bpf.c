@@ -17,7 +17,8 @@
 // SKC_DADDR, SKC_RCV_SADDR, SKC_DPORT, SKC_FAMILY, SKC_STATE, SKC_V6_DADDR,
 // SKC_V6_RCV_SADDR, SK_PROTOCOL, INET_SPORT, and SK_HEAD_LEN, the length of the struct's
 // head that holds the first five (see ipvslb/tracer/loader.py); SKB_HEAD and SKB_NETWORK_HEADER in
-// struct sk_buff.
+// struct sk_buff; RECORD_SIZE, PAIR_SIZE, PAIR_STATS_SIZE and VIP_KEY_SIZE, the sizes of the
+// structs shared with ipvslb/tracer/records.py as it packs and unpacks them.
 #include <uapi/linux/ptrace.h>
 
 #ifndef CAPACITY
@@ -28,6 +29,9 @@
 #endif
 #ifndef SK_PROTOCOL
 #error "the loader passes the offsets of struct sock's fields (ipvslb/tracer/loader.py)"
+#endif
+#ifndef RECORD_SIZE
+#error "the loader passes the sizes of the structs records.py decodes (ipvslb/tracer/loader.py)"
 #endif
 
 #define AF_INET 2
@@ -69,6 +73,7 @@ struct ip_vs_conn_param {
     u16 af;
 };
 
+// Layout encoded by ipvslb/tracer/records.py (VIP_KEY, "<16sHBB").
 struct vip_key {
     u8 addr[16];
     u16 port;
@@ -118,7 +123,7 @@ struct pair {
     u8 pad;
 };
 
-// Read by ipvslb/tracer/loader.py through the memory mapping of `pair_counts` ("<QQQ").
+// Read by ipvslb/tracer/paircounts.py through the memory mapping of `pair_counts` ("<QQQ").
 struct pair_stats {
     u64 last_timed_ns;    // start of the last connect reported with CONNECT and ESTABLISHED
     u64 counted;          // connects established without records (monotonic)
@@ -145,6 +150,13 @@ struct record {
     u8 pad[3];
 };
 
+// A struct changed here but not in records.py (or there but not here) fails the compile.
+_Static_assert(sizeof(struct record) == RECORD_SIZE, "struct record differs from RECORD in ipvslb/tracer/records.py");
+_Static_assert(sizeof(struct pair) == PAIR_SIZE, "struct pair differs from PAIR in ipvslb/tracer/records.py");
+_Static_assert(sizeof(struct pair_stats) == PAIR_STATS_SIZE,
+               "struct pair_stats differs from PAIR_STATS in ipvslb/tracer/records.py");
+_Static_assert(sizeof(struct vip_key) == VIP_KEY_SIZE, "struct vip_key differs from VIP_KEY in ipvslb/tracer/records.py");
+
 BPF_HASH(vips, struct vip_key, u8, 4096);
 // The ports of the TCP entries in `vips`, by port: every TCP state change on the host passes
 // the tracepoints, and a socket whose remote port is no VIP's costs a read of that port and
@@ -165,8 +177,8 @@ BPF_TABLE("lru_hash", struct tuple, struct backend, unclaimed, 1024);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 // Successes counted in the kernel instead of reported, per (VIP, backend): see OPT_SAMPLE.
 // The reader gives each pair a slot in `pair_counts` once a timed connect has shown the pair
-// to it, and reads the counts through the array's memory mapping: no system call per read,
-// where walking a hash map cost the reader two per pair. Until a pair has a slot, every
+// to it, and reads the counts through the array's memory mapping: no system call per read
+// (docs/decisions/sampled-connects.md). Until a pair has a slot, every
 // connect to it is timed. Array elements are looked up inline, so a counted success costs
 // no hash lookup either: the connection keeps its pair's slot.
 #define PAIR_SLOTS 4096

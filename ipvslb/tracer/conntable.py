@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from ipvslb.tracer.records import Endpoint
 from ipvslb.model import IPAddress
+from ipvslb.tracer.records import Endpoint
 
 PATH = "/proc/net/ip_vs_conn"
 # (protocol, client, vip) -> backend

@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ipvslb.model import IPAddress, TracerSettings
 from ipvslb.tracer import btf, conntable, paircounts, records, ringbuf
 from ipvslb.tracer.records import ConnEvent
-from ipvslb.model import IPAddress, TracerSettings
 
 __all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
 
@@ -115,6 +115,17 @@ def sock_layout() -> list[str]:
         raise TracerUnavailable(str(err)) from err
 
 
+# The structs the program shares with records.py, by the macro the program checks each one's
+# size against (_Static_assert): a layout changed on one side only fails the compile.
+SHARED_STRUCTS = {"RECORD_SIZE": records.RECORD, "PAIR_SIZE": records.PAIR, "PAIR_STATS_SIZE": records.PAIR_STATS,
+                  "VIP_KEY_SIZE": records.VIP_KEY}
+
+
+def size_flags() -> list[str]:
+    """-D flags with the sizes records.py decodes and encodes the shared structs with."""
+    return [f"-D{macro}={layout.size}" for macro, layout in SHARED_STRUCTS.items()]
+
+
 def _recursion_misses(fd: int) -> int:
     for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
         if line.startswith("recursion_misses:"):
@@ -143,7 +154,8 @@ class Tracer:
     SYN is out), so the adaptive connect deadline has nothing to time; SYN retransmits,
     resets, establishment and closes are still reported and attributed."""
 
-    def __init__(self, settings: TracerSettings = TracerSettings(), use_kprobe: bool = True):
+    def __init__(self, settings: TracerSettings | None = None, use_kprobe: bool = True):
+        settings = settings or TracerSettings()
         try:
             from bcc import BPF
         except ImportError as err:
@@ -155,7 +167,7 @@ class Tracer:
         pages = 1 << max(0, settings.ring_buffer_pages - 1).bit_length()
         # -w: kernel headers warn under bcc's clang; operators cannot act on those warnings.
         cflags = ["-w", f"-DCAPACITY={settings.connection_capacity}", f"-DRINGBUF_PAGES={pages}",
-                  *sock_layout()]
+                  *size_flags(), *sock_layout()]
         started = time.monotonic()
         try:
             self.bpf = BPF(src_file=str(source_path()).encode(), cflags=cflags)
@@ -279,9 +291,6 @@ class Tracer:
         A skipped transition to ESTABLISHED is caught later (ESTABLISHED_UNTIMED); a skipped
         reset or close loses that one piece of evidence."""
         return sum(_recursion_misses(function.fd) for function in self.bpf.funcs.values())
-
-    def tracked_connections(self) -> int:
-        return sum(1 for _ in self.bpf[b"conns"].keys())
 
     def close(self) -> None:
         self._wakeups.close()

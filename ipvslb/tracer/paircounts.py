@@ -3,11 +3,8 @@
 The kernel counts, per (VIP, backend) pair, the connects it did not time, in a slot of the
 `pair_counts` array; `pair_slots` says which slot is whose. The reader hands out the slots:
 a pair gets one when a timed connect to it shows up in the records, and loses it when its
-service is no longer traced. The counts are read through the array's memory mapping.
-
-Reading a hash map of counts instead took two system calls per pair, through bcc's ctypes
-wrappers: about 0.9 ms per read in a VM under emulation, 13 times the cost of draining the
-ring buffer, ten times a second.
+service is no longer traced. The counts are read through the array's memory mapping, with
+no system call (docs/decisions/sampled-connects.md has the alternatives, measured).
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class ConnEvent(NamedTuple):
     elapsed: float = 0.0
     icmp_code: int = 0
 
-    def with_backend(self, backend: Endpoint | None) -> "ConnEvent":
+    def with_backend(self, backend: Endpoint | None) -> ConnEvent:
         return self._replace(backend=backend)
 
     def __str__(self) -> str:
@@ -165,12 +165,12 @@ PAIR_STATS = struct.Struct("<QQQ")
 
 class Counted(NamedTuple):
     """Connects to one (VIP, backend) that established without records, as the kernel counts
-    them: `count` since the pair got its slot, the last at `ts` (monotonic seconds)."""
+    them: `connects` since the pair got its slot, the last at `ts` (monotonic seconds)."""
 
     protocol: str
     vip: Endpoint
     backend: Endpoint
-    count: int
+    connects: int
     ts: float
 
 
@@ -196,16 +196,20 @@ class CountedSince:
         for c in counted:
             pair = (c.protocol, c.vip, c.backend)
             last = self._last.get(pair, 0)
-            if c.count < last:
+            if c.connects < last:
                 last = 0
-            if c.count > last:
-                fresh.append((c, c.count - last))
-            self._last[pair] = c.count
+            if c.connects > last:
+                fresh.append((c, c.connects - last))
+            self._last[pair] = c.connects
         return fresh
+
+
+# struct vip_key, the `vips` map's key.
+VIP_KEY = struct.Struct("<16sHBB")
 
 
 def vip_key(protocol: str, address: IPAddress, port: int) -> bytes:
     """The `vips` map key (struct vip_key) for one managed service."""
     proto = PROTOCOLS[protocol]
     family = AF_INET if address.version == 4 else AF_INET6
-    return struct.pack("<16sHBB", address.packed.ljust(16, b"\0"), port, proto, family)
+    return VIP_KEY.pack(address.packed.ljust(16, b"\0"), port, proto, family)

@@ -49,7 +49,7 @@ def test_a_timed_connect_gives_its_pair_a_slot_and_the_counts_are_read_from_it()
     assert kernel.count(VIP, backend(1), 5, ts_ns=2_500_000_000)
     read = {(c.vip, c.backend): c for c in pairs.read()}
     assert read[(VIP, backend(1))] == records.Counted("tcp", VIP, backend(1), 5, 2.5)
-    assert read[(VIP6, backend(2))].count == 0
+    assert read[(VIP6, backend(2))].connects == 0
 
 
 def test_only_tcp_connects_with_a_backend_get_a_slot():
@@ -71,7 +71,7 @@ def test_forgotten_services_free_their_slots_and_a_reused_slot_starts_from_zero(
     assert [c.backend for c in pairs.read()] == [backend(2)]
     pairs.learn([connect(VIP, backend(3))])
     assert kernel.count(VIP, backend(3), 1)
-    assert {c.backend: c.count for c in pairs.read()} == {backend(2): 0, backend(3): 1}
+    assert {c.backend: c.connects for c in pairs.read()} == {backend(2): 0, backend(3): 1}
 
 
 def test_a_freed_slot_is_reused_only_when_no_slot_was_never_used():
