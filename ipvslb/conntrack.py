@@ -49,7 +49,7 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
 CTA_FILTER_ORIG_FLAGS = 1
 FILTER_IP_DST, FILTER_PROTO_NUM, FILTER_PROTO_DST_PORT = 1 << 1, 1 << 3, 1 << 5
-CTA_IP_SRC = {socket.AF_INET: 1, socket.AF_INET6: 3}   # CTA_IP_V4_SRC, CTA_IP_V6_SRC; DST is +1
+CTA_IP_SRC: dict[int, int] = {socket.AF_INET: 1, socket.AF_INET6: 3}   # CTA_IP_V4_SRC, CTA_IP_V6_SRC; DST is +1
 REPLY_TIMEOUT = 2.0
 RECV_BYTES = 256 << 10
 
@@ -130,7 +130,7 @@ class Rescuer:
         seq = next(self._seq) & 0xFFFFFFFF
         sock.send(dump_message(family, vip, port, seq))
         wanted = None if server is None else (server[0].packed, server[1])
-        out = []
+        out: list[Flow] = []
         while True:
             length = sock.recv_into(self._buf)
             for kind, mseq, offset, end in _messages(self._buf, length):
@@ -274,7 +274,9 @@ def _ends(buf, family: int, span: tuple[int, int] | None):
     num = ports.get(CTA_PROTO_NUM)
     src, dst = addresses.get(CTA_IP_SRC[family]), addresses.get(CTA_IP_SRC[family] + 1)
     sport, dport = ports.get(CTA_PROTO_SRC_PORT), ports.get(CTA_PROTO_DST_PORT)
-    if num is None or buf[num[0]] != socket.IPPROTO_TCP or None in (src, dst, sport, dport):
+    if num is None or buf[num[0]] != socket.IPPROTO_TCP:
+        return None
+    if src is None or dst is None or sport is None or dport is None:
         return None
     return ((bytes(buf[src[0]:src[1]]), struct.unpack_from("!H", buf, sport[0])[0]),
             (bytes(buf[dst[0]:dst[1]]), struct.unpack_from("!H", buf, dport[0])[0]))
@@ -296,9 +298,9 @@ def parse_entry(buf, offset: int, end: int, server: tuple[bytes, int] | None = N
     if orig is None:
         return None
     state = None
-    if (info := top.get(CTA_PROTOINFO)) and (tcp := _attrs(buf, *info).get(CTA_PROTOINFO_TCP)):
-        if (value := _attrs(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE)) and value[1] > value[0]:
-            state = buf[value[0]]
+    if ((info := top.get(CTA_PROTOINFO)) and (tcp := _attrs(buf, *info).get(CTA_PROTOINFO_TCP))
+            and (value := _attrs(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE)) and value[1] > value[0]):
+        state = buf[value[0]]
     ct_id = top.get(CTA_ID)
     text = lambda packed: socket.inet_ntop(family, packed)  # noqa: E731
     return Flow(family, (text(orig[0][0]), orig[0][1]), (text(orig[1][0]), orig[1][1]),
