@@ -202,27 +202,41 @@ class Daemon:
         they happened, then the successes it only counted. Returns how many there were."""
         now = time.monotonic()
         batch = self.tracer.read()
+        failed = 0
         for event in batch:
-            self.records[event.kind.label] += 1
-            svc = self._service_for(event.protocol, event.vip)
-            found = health.evidence_from(event)
-            if event.kind is records.Kind.UNREACHABLE and event.backend is not None:
-                # Only the backend's own ICMP reaches this record (the tracer never reports
-                # IPVS's), so it is the hard failure health.py's contract allows.
-                found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
-            if svc is not None and found is not None:
-                if isinstance(found, health.Established) and found.connect_time is not None:
-                    self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
-                self.executor.act(svc, svc.feed(found, now))
+            try:
+                self._feed_event(event, now)
+            except Exception as err:  # one bad record must not cost the rest of the batch
+                self._internal_error("evidence", err)
+                failed += 1
         # After the records' actions: a refusal's weight 0 should not wait for the counts.
         # Health does not let a success end a failure streak that began after it (it
         # compares their times).
         counted = self._newly_counted()
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
-                self.executor.act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
-        self.heartbeats["evidence"] = time.monotonic()
+                try:
+                    self.executor.act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
+                except Exception as err:
+                    self._internal_error("evidence", err)
+        # A batch whose every record failed is a reader that does not work (the watchdog's
+        # concern); one bad record among good ones is not.
+        if not batch or failed < len(batch):
+            self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
+
+    def _feed_event(self, event: records.ConnEvent, now: float) -> None:
+        self.records[event.kind.label] += 1
+        svc = self._service_for(event.protocol, event.vip)
+        found = health.evidence_from(event)
+        if event.kind is records.Kind.UNREACHABLE and event.backend is not None:
+            # Only the backend's own ICMP reaches this record (the tracer never reports
+            # IPVS's), so it is the hard failure health.py's contract allows.
+            found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
+        if svc is not None and found is not None:
+            if isinstance(found, health.Established) and found.connect_time is not None:
+                self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
+            self.executor.act(svc, svc.feed(found, now))
 
     def _newly_counted(self) -> list[tuple[records.Counted, int]]:
         """Per (VIP, backend), the connects the kernel counted since the last call."""

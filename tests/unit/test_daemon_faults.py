@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import pytest
 from ipvslb import config, daemon, health, statedir, systemd
 from ipvslb.ipvs import Manager, messages
 from ipvslb.ipvs.client import IPVS
+from ipvslb.tracer.records import ConnEvent, Kind
 from tests.unit.fake_ipvs import FAMILY, FakeKernel
 from tests.unit.test_ipvs_manager import FakeVips
 
@@ -289,6 +291,56 @@ def test_an_evidence_read_that_raises_is_carried_past(place):
         d._on_records()
         assert "evidence" not in d.heartbeats
         d._on_records()
+    asyncio.run(main())
+    assert d.internal_errors == {"evidence": 1}
+    assert "evidence" in d.heartbeats
+
+
+def test_a_record_that_raises_costs_only_itself_not_the_rest_of_its_batch(place, monkeypatch, caplog):
+    d, kernel, tracer = make(place, WEB)
+    started(d)
+    svc = next(iter(d.health.values()))
+    good, bad = (b.key for b in svc.service.backends)
+    fed = []
+
+    def feed(evidence, now):
+        if evidence.backend == bad:
+            raise KeyError("bug")
+        fed.append(evidence)
+        return []
+    monkeypatch.setattr(svc, "feed", feed)
+    now = time.monotonic()
+
+    def connect(i, backend):
+        return ConnEvent(Kind.CONNECT, now + i, 1000 + i, "tcp", (ipaddress.ip_address("10.90.0.9"), 40000 + i),
+                         (svc.service.vip, 80), backend)
+    tracer.batch = [connect(0, good), connect(1, bad), connect(2, good), connect(3, bad), connect(4, good)]
+
+    async def main():
+        with caplog.at_level(logging.DEBUG, logger="ipvslb"):
+            d._on_records()
+    asyncio.run(main())
+    assert [e.t for e in fed] == [now, now + 2, now + 4]
+    assert d.records["connect"] == 5
+    assert d.internal_errors == {"evidence": 2}
+    logged = [r for r in caplog.records
+              if r.levelno == logging.ERROR and "internal error in evidence" in r.getMessage()]
+    assert len(logged) == 1
+    assert "evidence" in d.heartbeats   # the reader works: the watchdog is fed
+
+
+def test_a_batch_whose_every_record_raises_does_not_feed_the_watchdog(place, monkeypatch):
+    d, kernel, tracer = make(place, WEB)
+    started(d)
+    svc = next(iter(d.health.values()))
+    monkeypatch.setattr(svc, "feed", lambda evidence, now: (_ for _ in ()).throw(KeyError("bug")))
+    tracer.batch = [ConnEvent(Kind.CONNECT, time.monotonic(), 1000, "tcp", (ipaddress.ip_address("10.90.0.9"), 40000),
+                              (svc.service.vip, 80), svc.service.backends[0].key)]
+
+    async def main():
+        d._on_records()
+        assert "evidence" not in d.heartbeats
+        d._on_records()   # an empty read: the reader runs through again
     asyncio.run(main())
     assert d.internal_errors == {"evidence": 1}
     assert "evidence" in d.heartbeats
