@@ -7,17 +7,8 @@ logs or draws randomness of its own: time is always passed in, jitter comes from
 injected `random.Random`. ../shared/design/health.md is the specification; the
 decisions it leaves open are listed at the end of this docstring.
 
-States of one backend (configured weight > 0)::
-
-    healthy --first failure--> suspect --probe fails / failure_threshold--> quarantined
-       ^                          |                                          |  ^
-       |<--------probe ok---------+                  backoff elapsed (tick)  v  | probe fails,
-       |                                                                 probing  or ok < rise
-       |<--slow start done-- ramping <------------- rise probes ok ------------+
-       (probation: ramp + `probation` s; one failure -> quarantined, backoff x factor;
-        a missed deadline is probed first, and a failed probe is that failure)
-
-    disabled: configured weight 0 -- the engine never touches such a backend.
+The states of a backend and every transition between them are one table in states.py;
+the guards are guards.py, the per-backend record backend.py, evidence and actions types.py.
 
 Time bases: events carry `t`, the kernel's CLOCK_MONOTONIC timestamp of the evidence; it
 dates connects (deadlines), successes and failures. `now` is the daemon's monotonic clock
@@ -69,7 +60,7 @@ Decisions where health.md is silent:
   became slower, not dead (its history still held the old connect times). It is probed
   again with a timeout of multiple x that connect time. A blackholed backend has no such
   success, so its quarantine is not delayed.
-- Guards (`_verdict`, the one place they are decided), for a confirmed failure: a failed
+- Guards (`guards.verdict`, the one place they are decided), for a confirmed failure: a failed
   confirmation probe, `failure_threshold` failures, or a failure in probation.
   Never the last backend in rotation; never beyond `max_quarantined` when set (opt-in, no
   cap by default); nothing while frozen. A refusal (RST, refused probe, ICMP unreachable)
@@ -115,26 +106,43 @@ Decisions where health.md is silent:
 """
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import math
 import random
-from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ipvslb import model
-from ipvslb.model import Endpoint, HealthSettings, IPAddress, format_endpoint
-from ipvslb.tracer.records import ConnEvent, Kind
-
+from ipvslb.health.backend import BackendHealth
+from ipvslb.health.guards import MAX_PEER_CHECKS, Confirmed, Verdict, out_together, unchecked, usable_now, verdict
+from ipvslb.health.states import OUT_OF_ROTATION, Event, State, next_state
+from ipvslb.health.types import (
+    Action,
+    ClosedInSynSent,
+    ConnectStarted,
+    Established,
+    Evidence,
+    FreezeLifted,
+    FreezeReported,
+    ProbeResult,
+    QuarantineWithheld,
+    ResetInSynSent,
+    SetWeight,
+    StartProbe,
+    Successes,
+    SynRetransmit,
+    Transition,
+    UdpNoReply,
+    UdpReplied,
+    UdpUnreachable,
+)
+from ipvslb.model import Endpoint, HealthSettings, format_endpoint
 
 # Linux's TCP_TIMEOUT_INIT: when the first SYN retransmit happens.
 INITIAL_SYN_TIMEOUT = 1.0
 # Probe timeout while the connect history is too short to trust.
 UNTRUSTED_PROBE_TIMEOUT = 1.0
-# Connect times kept per backend for the p99 ("recent").
-CONNECT_HISTORY_SIZE = 200
 # Slow start moves the weight at most this often.
 RAMP_STEP = 1.0
 # Linux gives up a connect after 127 s (131 s on >= 6.5); a pending connect older than
@@ -142,219 +150,6 @@ RAMP_STEP = 1.0
 PENDING_HORIZON = 140.0
 # Bound on tracked pending connects per service (oldest forgotten first).
 MAX_PENDING = 65536
-# Peer checks a service may have out at once: enough to find a usable peer among the
-# first few, few enough that one failure never turns into a burst of probes.
-MAX_PEER_CHECKS = 3
-# "Probes to every backend failing together" needs at least this many backends in
-# rotation; with one, the last-usable guard decides alone.
-MIN_FREEZE_BACKENDS = 2
-
-
-class State(enum.StrEnum):
-    HEALTHY = "healthy"
-    SUSPECT = "suspect"
-    QUARANTINED = "quarantined"
-    PROBING = "probing"
-    RAMPING = "ramping"
-    DISABLED = "disabled"
-
-
-OUT_OF_ROTATION = frozenset({State.QUARANTINED, State.PROBING})
-IN_ROTATION = frozenset({State.HEALTHY, State.SUSPECT, State.RAMPING})
-
-
-# --- Evidence (input) -------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class ConnectStarted:
-    """A client connect to the VIP went to `backend` (the IPVS choice). `conn` identifies
-    the connect (the tracer's socket pointer); a second ConnectStarted for the same conn
-    with another backend means IPVS rescheduled it."""
-    backend: Endpoint
-    conn: int
-    t: float
-
-
-@dataclass(frozen=True, slots=True)
-class Established:
-    """A connect to `backend` got its SYN-ACK. `connect_time` is None when the tracer saw the
-    connection only after it was established (events.Kind.ESTABLISHED_UNTIMED): still a
-    success, but no sample for the connect history."""
-    backend: Endpoint
-    conn: int
-    t: float
-    connect_time: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Successes:
-    """`count` connects to `backend` established, the last at `t`, that the tracer counted
-    without timing them (it times one per backend and sample interval). They reset the
-    failure streak like Established; they add nothing to the connect history."""
-    backend: Endpoint
-    count: int
-    t: float
-
-
-@dataclass(frozen=True, slots=True)
-class ResetInSynSent:
-    """RST while SYN_SENT: the backend refuses. Hard failure."""
-    backend: Endpoint
-    conn: int
-    t: float
-
-
-@dataclass(frozen=True, slots=True)
-class SynRetransmit:
-    backend: Endpoint
-    conn: int
-    t: float
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClosedInSynSent:
-    """The client gave up before an answer: its choice, not evidence."""
-    backend: Endpoint
-    conn: int
-    t: float
-
-
-@dataclass(frozen=True, slots=True)
-class UdpUnreachable:
-    """ICMP unreachable sent by the backend (never one generated by IPVS). Hard failure."""
-    backend: Endpoint
-    t: float
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class UdpNoReply:
-    """Requests went out with no reply within udp_reply_window. Soft failure."""
-    backend: Endpoint
-    t: float
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class UdpReplied:
-    """Replies came back from the backend: the UDP counterpart of Established."""
-    backend: Endpoint
-    t: float
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """The answer to one StartProbe. `refused`: the backend answered with a refusal, so
-    this host's path to it works. `local`: the probe failed on this host before reaching
-    the network (no route, a local firewall, no source address): no evidence against the
-    backend, only that this host cannot reach it now."""
-    backend: Endpoint
-    ok: bool
-    t: float
-    detail: str = ""
-    local: bool = False
-    refused: bool = False
-
-
-Evidence = (ConnectStarted | Established | Successes | ResetInSynSent | SynRetransmit | ClosedInSynSent
-            | UdpUnreachable | UdpNoReply | UdpReplied | ProbeResult)
-
-
-# --- Actions (output) -------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class SetWeight:
-    backend: Endpoint
-    weight: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartProbe:
-    """Probe the backend directly (bypassing IPVS); answer with one ProbeResult."""
-    backend: Endpoint
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    backend: Endpoint
-    old_state: State
-    new_state: State
-    evidence: str
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineWithheld:
-    """The evidence called for a quarantine and a guard said no (reported once per guard)."""
-    backend: Endpoint
-    guard: str
-    evidence: str
-
-
-@dataclass(frozen=True, slots=True)
-class FreezeReported:
-    service: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class FreezeLifted:
-    service: str
-    reason: str
-
-
-Action = SetWeight | StartProbe | Transition | QuarantineWithheld | FreezeReported | FreezeLifted
-
-
-def evidence_from(event: ConnEvent) -> Evidence | None:
-    """The evidence a tracer record carries, or None (no backend, UDP, or nothing to judge).
-
-    UDP evidence does not come from the tracer but from IPVS counters and backend ICMP;
-    the daemon builds UdpUnreachable / UdpNoReply / UdpReplied itself."""
-    if event.backend is None or event.protocol != "tcp":
-        return None
-    b, conn, t = event.backend, event.sock, event.ts
-    match event.kind:
-        case Kind.CONNECT:
-            return ConnectStarted(b, conn, t)
-        case Kind.ESTABLISHED:
-            return Established(b, conn, t, event.elapsed)
-        case Kind.ESTABLISHED_UNTIMED:
-            return Established(b, conn, t, None)
-        case Kind.RESET:
-            return ResetInSynSent(b, conn, t)
-        case Kind.SYN_RETRANSMIT:
-            return SynRetransmit(b, conn, t, event.retransmits)
-        case Kind.CLOSED_SYN_SENT:
-            return ClosedInSynSent(b, conn, t)
-    return None
-
-
-# --- Internal bookkeeping ---------------------------------------------------------------
-
-class _ConnectHistory:
-    """Recent connect times of one backend, with a cached p99."""
-
-    def __init__(self) -> None:
-        self._samples: deque[float] = deque(maxlen=CONNECT_HISTORY_SIZE)
-        self._p99: float | None = None
-
-    def add(self, seconds: float) -> None:
-        self._samples.append(max(0.0, seconds))
-        self._p99 = None
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    def p99(self) -> float | None:
-        if not self._samples:
-            return None
-        if self._p99 is None:
-            ordered = sorted(self._samples)
-            self._p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
-        return self._p99
 
 
 @dataclass(eq=False)
@@ -363,85 +158,6 @@ class _Pending:
     started: float
     deadline: float | None
     judged: bool = False  # a failure was already counted for this connect
-
-
-@dataclass(frozen=True, slots=True)
-class _Confirmed:
-    """A failure that calls for a quarantine, on its way to a verdict."""
-    evidence: str
-    since: float      # when the failing evidence began: a usable peer shows life after it
-    relapse: bool     # in probation: the backoff grows
-    answered: bool    # a refusal: this host's path to the backend works
-    local: bool = False  # the probe failed on this host: never a quarantine
-
-
-class _Verdict(enum.Enum):
-    QUARANTINE = "quarantine"
-    WAIT = "wait for peer checks"
-    WITHHOLD = "withhold"
-    FREEZE = "freeze"
-
-
-COUNTERS = ("successes", "hard_failures", "soft_failures", "quarantines", "probes_ok", "probes_failed",
-            "client_closes_in_syn_sent")
-
-
-@dataclass(eq=False)
-class _Backend:
-    config: model.Backend
-    state: State
-    since: float
-    weight: int
-    backoff: float   # wait before the first probe after a quarantine
-    interval: float  # current wait between probes (grows while probes fail)
-    history: _ConnectHistory = field(default_factory=_ConnectHistory)
-    streak: int = 0  # consecutive failures without a success
-    last_failure_at: float | None = None  # when the latest failure of the kind a streak counts happened
-    probe_outstanding: bool = False
-    probe_timeout: float = 0.0
-    # The slowest client connect that succeeded while the probe was out: proof of life
-    # that outranks a probe which simply gave up too early.
-    slow_success_during_probe: float = 0.0
-    next_probe_at: float | None = None
-    rises: int = 0
-    ramp_start: float | None = None
-    next_ramp_step: float | None = None
-    readmitted_at: float | None = None
-    probation_until: float | None = None
-    successes_since_readmit: int = 0
-    withheld: str | None = None
-    last_evidence: str | None = None
-    last_evidence_at: float | None = None
-    last_success_at: float | None = None
-    # For the guards' "usable now": the latest life (a success, or the start of a probe that
-    # passed) and the latest failure of any kind (a local one too: a backend this host
-    # cannot reach is not usable now), with whether that failure was a refusal.
-    alive_at: float | None = None
-    failed_at: float | None = None
-    failed_answered: bool = False
-    failing_since: float = 0.0  # start of the evidence the current suspicion is about
-    probe_started_at: float | None = None
-    peer_check: bool = False  # the outstanding probe asks about life for another's verdict
-    awaiting: _Confirmed | None = None  # a confirmed failure waiting for peer checks
-    silent_out_at: float | None = None  # quarantined then on a silent failure (no answer)
-    counters: Counter = field(default_factory=lambda: Counter({name: 0 for name in COUNTERS}))
-    transitions: Counter = field(default_factory=Counter)
-
-    @property
-    def key(self) -> Endpoint:
-        return self.config.key
-
-    @property
-    def in_rotation(self) -> bool:
-        return self.state in IN_ROTATION
-
-    def clear_schedule(self) -> None:
-        self.next_probe_at = None
-        self.ramp_start = self.next_ramp_step = None
-
-    def end_probation(self) -> None:
-        self.readmitted_at = self.probation_until = None
-        self.successes_since_readmit = 0
 
 
 def _ms(seconds: float) -> str:
@@ -461,7 +177,7 @@ class ServiceHealth:
         self._service = service
         self._rng = rng
         observed = initial_weights or {}
-        self._backends: dict[Endpoint, _Backend] = {
+        self._backends: dict[Endpoint, BackendHealth] = {
             cfg.key: self._initial_backend(cfg, now, observed.get(cfg.key)) for cfg in service.backends}
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, seq, conn), lazily cleaned
@@ -546,7 +262,7 @@ class ServiceHealth:
         old = self._backends
         self._service = service
         actions: list[Action] = []
-        kept: dict[Endpoint, _Backend] = {}
+        kept: dict[Endpoint, BackendHealth] = {}
         for cfg in service.backends:
             b = old.get(cfg.key)
             if b is None:
@@ -565,14 +281,14 @@ class ServiceHealth:
 
     # -- timing derived from settings and history --
 
-    def _connect_deadline(self, b: _Backend) -> float | None:
+    def _connect_deadline(self, b: BackendHealth) -> float | None:
         """max(floor, multiple x p99), or None while the history is too short to trust."""
         s = self.settings
         if len(b.history) < max(1, s.connect_history_min):
             return None
         return max(s.connect_deadline_floor, s.connect_deadline_multiple * b.history.p99())
 
-    def _probe_timeout(self, b: _Backend) -> float:
+    def _probe_timeout(self, b: BackendHealth) -> float:
         trusted = self._connect_deadline(b)
         if trusted is not None:
             return trusted
@@ -589,7 +305,7 @@ class ServiceHealth:
     def _grown(self, delay: float) -> float:
         return min(self.settings.probe_backoff_max, delay * self.settings.probe_backoff_factor)
 
-    def _ramp_weight(self, b: _Backend, now: float) -> int:
+    def _ramp_weight(self, b: BackendHealth, now: float) -> int:
         s = self.settings
         configured = b.config.weight
         if s.slow_start <= 0 or b.ramp_start is None:
@@ -604,63 +320,18 @@ class ServiceHealth:
 
     # -- guards --
 
-    def _eligible(self) -> list[_Backend]:
+    def _eligible(self) -> list[BackendHealth]:
         return [b for b in self._backends.values() if b.config.weight > 0]
 
-    @staticmethod
-    def _usable_now(o: _Backend, since: float) -> bool:
-        """In rotation and alive at or after `since`, with no failure after that life."""
-        return (o.in_rotation and o.alive_at is not None and o.alive_at >= since
-                and (o.failed_at is None or o.failed_at <= o.alive_at))
+    def _verdict(self, b: BackendHealth, c: Confirmed) -> tuple[Verdict, str]:
+        return verdict(b, c, self._eligible(), self._frozen, self.settings.max_quarantined)
 
-    @staticmethod
-    def _unchecked(o: _Backend, since: float) -> bool:
-        """No probe out, and none started since `since`: a peer check could tell more."""
-        return not o.probe_outstanding and (o.probe_started_at is None or o.probe_started_at < since)
-
-    def _verdict(self, b: _Backend, c: _Confirmed) -> tuple[_Verdict, str]:
-        """What a confirmed failure of `b` leads to, and why: the guards, all in one place.
-
-        A refusal proves this host's path to the backend works and that the backend serves
-        no one: it goes out while another backend is in rotation. A silent failure (no
-        answer) goes out when a peer is usable now; with none known, peer checks decide. If
-        every backend then failed silently together, or a probe failed on this host, the
-        evidence points at this host: quarantines freeze."""
-        peers = [o for o in self._eligible() if o is not b and o.in_rotation]
-        if self._frozen:
-            return _Verdict.WITHHOLD, "quarantines frozen"
-        usable = not c.answered and any(self._usable_now(o, c.since) for o in peers)
-        if not c.answered and not usable:
-            if any(o.probe_outstanding or self._unchecked(o, c.since) for o in peers):
-                return _Verdict.WAIT, ""
-            together = len(peers) + len(self._out_together(b, c.since)) + 1
-            silent = b.alive_at is None or b.alive_at < c.since  # no client got through meanwhile
-            if together >= MIN_FREEZE_BACKENDS and silent and not any(o.failed_answered for o in peers):
-                if c.local:
-                    return _Verdict.FREEZE, f"{format_endpoint(b.key)}: {c.evidence} on this host, " \
-                                            "and no backend is usable"
-                return _Verdict.FREEZE, f"probes to all {together} backends went unanswered together"
-        if not peers:
-            return _Verdict.WITHHOLD, "last usable backend"
-        cap = self.settings.max_quarantined
-        if cap is not None and sum(o.state in OUT_OF_ROTATION for o in self._eligible()) >= cap:
-            return _Verdict.WITHHOLD, f"max_quarantined ({cap}) already out"
-        if c.local:  # others serve or refuse, so this host has a path: this is about this backend's route
-            return _Verdict.WITHHOLD, "no path from this host"
-        return _Verdict.QUARANTINE, ""  # a refusal, a usable peer, or the others refuse too
-
-    def _out_together(self, b: _Backend, since: float) -> list[_Backend]:
-        """Backends taken out on a silent failure since `b`'s failing evidence began: if
-        that turns out to be this host's failure, they went out for it too."""
-        return [o for o in self._eligible() if o is not b and o.state in OUT_OF_ROTATION
-                and o.silent_out_at is not None and o.silent_out_at >= since]
-
-    def _try_quarantine(self, b: _Backend, now: float, c: _Confirmed) -> list[Action]:
+    def _try_quarantine(self, b: BackendHealth, now: float, c: Confirmed) -> list[Action]:
         verdict, reason = self._verdict(b, c)
         waited, b.awaiting = b.awaiting, None
-        if verdict is _Verdict.QUARANTINE:
+        if verdict is Verdict.QUARANTINE:
             return self._quarantine(b, now, c.evidence, c.relapse, silent=not c.answered)
-        if verdict is _Verdict.WAIT:
+        if verdict is Verdict.WAIT:
             if b.state is State.HEALTHY:  # a streak on a healthy backend: its own probe decides
                 return self._suspect(b, now, f"{c.evidence}; no peer known usable: probing")
             b.awaiting = c
@@ -668,19 +339,19 @@ class ServiceHealth:
                 self._note(b, f"{c.evidence}; waiting for peer checks", now)
             return self._start_peer_checks(b, c.since, now)
         actions: list[Action] = []
-        if verdict is _Verdict.FREEZE:
-            together = self._out_together(b, c.since)
+        if verdict is Verdict.FREEZE:
+            together = out_together(b, c.since, self._eligible())
             actions += self._freeze(now, reason)
             for o in together:  # back in: what took them out was this host's failure
                 actions += self._release(o, now, "quarantines frozen")
             reason = "quarantines frozen"
         return actions + self._withhold(b, now, c.evidence, reason)
 
-    def _withhold(self, b: _Backend, now: float, evidence: str, reason: str) -> list[Action]:
+    def _withhold(self, b: BackendHealth, now: float, evidence: str, reason: str) -> list[Action]:
         """A guard said no: the backend stays in rotation as suspect, re-probed with backoff."""
         actions: list[Action] = []
         if b.state is not State.SUSPECT:
-            actions += self._suspect(b, now, f"{evidence}; quarantine withheld: {reason}")
+            actions += self._suspect(b, now, f"{evidence}; quarantine withheld: {reason}", event=Event.WITHHELD)
         elif not b.probe_outstanding and b.next_probe_at is None:
             # Keep asking: the guard may allow it later and the probe says whether it is still needed.
             b.next_probe_at = now + self._jittered(b.interval)
@@ -690,14 +361,14 @@ class ServiceHealth:
             actions.append(QuarantineWithheld(b.key, reason, evidence))
         return actions
 
-    def _start_peer_checks(self, b: _Backend, since: float, now: float) -> list[Action]:
+    def _start_peer_checks(self, b: BackendHealth, since: float, now: float) -> list[Action]:
         """Probe peers with no life known since `since`, a few at a time per service."""
         out = sum(o.probe_outstanding and o.peer_check for o in self._backends.values())
         actions: list[Action] = []
         for o in self._eligible():
             if out >= MAX_PEER_CHECKS:
                 break
-            if o is b or not o.in_rotation or not self._unchecked(o, since) or self._usable_now(o, since):
+            if o is b or not o.in_rotation or not unchecked(o, since) or usable_now(o, since):
                 continue
             if o.state is State.SUSPECT:
                 o.failing_since = now  # its own re-probe, judged as such
@@ -737,8 +408,8 @@ class ServiceHealth:
             actions += self._release(out.pop(), now, reason)
         return actions
 
-    def _release(self, b: _Backend, now: float, reason: str) -> list[Action]:
-        actions = self._move(b, State.SUSPECT, now, f"released from quarantine: {reason}")
+    def _release(self, b: BackendHealth, now: float, reason: str) -> list[Action]:
+        actions = self._move(b, Event.RELEASED, now, f"released from quarantine: {reason}")
         actions += self._set_weight(b, b.config.weight, f"released: {reason}")
         b.clear_schedule()
         b.rises = 0
@@ -756,7 +427,7 @@ class ServiceHealth:
         self._frozen, self._frozen_at, self._freeze_reason = True, now, reason
         return [FreezeReported(self._service.name, reason)]
 
-    def _alive(self, b: _Backend, t: float, now: float, evidence: str) -> list[Action]:
+    def _alive(self, b: BackendHealth, t: float, now: float, evidence: str) -> list[Action]:
         """Life from `b` at `t`. Any life after a freeze began lifts it, and what the freeze
         held back is probed again at once: its probe may have failed for the host's sake."""
         b.alive_at = t if b.alive_at is None else max(b.alive_at, t)
@@ -769,28 +440,30 @@ class ServiceHealth:
         return [FreezeLifted(self._service.name, f"{format_endpoint(b.key)}: {evidence}")]
 
     @staticmethod
-    def _record_failure(b: _Backend, t: float, answered: bool) -> None:
+    def _record_failure(b: BackendHealth, t: float, answered: bool) -> None:
         if b.failed_at is None or t >= b.failed_at:
             b.failed_at, b.failed_answered = t, answered
 
     # -- small state helpers --
 
-    def _move(self, b: _Backend, new: State, now: float, evidence: str) -> list[Action]:
+    def _move(self, b: BackendHealth, event: Event, now: float, evidence: str) -> list[Action]:
+        """The one place a backend changes state: as the transition table says."""
         old = b.state
+        new = next_state(old, event)
         b.state, b.since = new, now
         b.transitions[f"{old}->{new}"] += 1
         return [Transition(b.key, old, new, evidence)]
 
-    def _set_weight(self, b: _Backend, weight: int, reason: str) -> list[Action]:
+    def _set_weight(self, b: BackendHealth, weight: int, reason: str) -> list[Action]:
         if weight == b.weight:
             return []
         b.weight = weight
         return [SetWeight(b.key, weight, reason)]
 
-    def _note(self, b: _Backend, evidence: str, t: float) -> None:
+    def _note(self, b: BackendHealth, evidence: str, t: float) -> None:
         b.last_evidence, b.last_evidence_at = evidence, t
 
-    def _probe_now(self, b: _Backend, now: float, timeout: float | None = None) -> list[Action]:
+    def _probe_now(self, b: BackendHealth, now: float, timeout: float | None = None) -> list[Action]:
         b.next_probe_at = None
         if b.probe_outstanding:
             return []
@@ -800,26 +473,27 @@ class ServiceHealth:
         b.slow_success_during_probe = 0.0
         return [StartProbe(b.key, b.probe_timeout)]
 
-    def _in_probation(self, b: _Backend, started: float, now: float) -> bool:
+    def _in_probation(self, b: BackendHealth, started: float, now: float) -> bool:
         """Probation covers connects started since re-admission, until it ends."""
         return (b.probation_until is not None and now < b.probation_until
                 and b.readmitted_at is not None and started >= b.readmitted_at)
 
     # -- entering states --
 
-    def _suspect(self, b: _Backend, now: float, evidence: str, check_peers: bool = False) -> list[Action]:
-        actions = self._move(b, State.SUSPECT, now, evidence)
+    def _suspect(self, b: BackendHealth, now: float, evidence: str, check_peers: bool = False,
+                 event: Event = Event.SUSPICION) -> list[Action]:
+        actions = self._move(b, event, now, evidence)
         actions += self._set_weight(b, b.config.weight, "suspect: stays in rotation until the probe decides")
         b.clear_schedule()
         b.interval = b.backoff
         actions += self._probe_now(b, now)
-        if check_peers and not any(self._usable_now(o, b.failing_since) for o in self._eligible() if o is not b):
+        if check_peers and not any(usable_now(o, b.failing_since) for o in self._eligible() if o is not b):
             # A silent failure is judged against a usable peer: ask now, so that the
             # verdict can come with the backend's own probe.
             actions += self._start_peer_checks(b, b.failing_since, now)
         return actions
 
-    def _quarantine(self, b: _Backend, now: float, evidence: str, relapse: bool,
+    def _quarantine(self, b: BackendHealth, now: float, evidence: str, relapse: bool,
                     silent: bool = False) -> list[Action]:
         s = self.settings
         b.silent_out_at = now if silent else None
@@ -831,12 +505,12 @@ class ServiceHealth:
         b.clear_schedule()
         b.end_probation()
         b.counters["quarantines"] += 1
-        actions = self._move(b, State.QUARANTINED, now, evidence)
+        actions = self._move(b, Event.QUARANTINE, now, evidence)
         actions += self._set_weight(b, s.quarantine_weight, f"quarantined: {evidence}")
         b.next_probe_at = now + self._jittered(b.interval)
         return actions
 
-    def _start_ramp(self, b: _Backend, now: float, evidence: str) -> list[Action]:
+    def _start_ramp(self, b: BackendHealth, now: float, evidence: str) -> list[Action]:
         s = self.settings
         b.rises = 0
         b.readmitted_at = now
@@ -844,12 +518,12 @@ class ServiceHealth:
         b.clear_schedule()
         if s.slow_start <= 0:
             b.probation_until = now + s.probation
-            actions = self._move(b, State.HEALTHY, now, f"{evidence}; probation {s.probation:g} s")
+            actions = self._move(b, Event.READMITTED_AT_FULL_WEIGHT, now, f"{evidence}; probation {s.probation:g} s")
             return actions + self._set_weight(b, b.config.weight, "re-admitted")
         b.probation_until = now + s.slow_start + s.probation
         b.ramp_start = now
         b.next_ramp_step = now + min(RAMP_STEP, s.slow_start)
-        actions = self._move(b, State.RAMPING, now, evidence)
+        actions = self._move(b, Event.READMITTED, now, evidence)
         return actions + self._set_weight(b, self._ramp_weight(b, now), "slow start begins")
 
     # -- evidence handlers --
@@ -898,7 +572,7 @@ class ServiceHealth:
             return []
         return self._success(b, ev.t, now, ev.count)
 
-    def _success(self, b: _Backend, t: float, now: float, count: int = 1) -> list[Action]:
+    def _success(self, b: BackendHealth, t: float, now: float, count: int = 1) -> list[Action]:
         b.counters["successes"] += count
         b.last_success_at = t if b.last_success_at is None else max(b.last_success_at, t)
         # Successes the tracer only counted reach the engine after the records of the same
@@ -964,7 +638,7 @@ class ServiceHealth:
         self._record_failure(b, t, answered=hard)
         return self._judge_failure(b, now, evidence, started, hard, counts_toward_streak)
 
-    def _judge_failure(self, b: _Backend, now: float, evidence: str, started: float, hard: bool,
+    def _judge_failure(self, b: BackendHealth, now: float, evidence: str, started: float, hard: bool,
                        counts_toward_streak: bool = True) -> list[Action]:
         if b.state in OUT_OF_ROTATION:
             return []  # already out; the re-admission probes decide
@@ -972,7 +646,7 @@ class ServiceHealth:
             b.failing_since = started
         if self._in_probation(b, started, now):
             if counts_toward_streak:
-                return self._try_quarantine(b, now, _Confirmed(f"failure in probation: {evidence}", started,
+                return self._try_quarantine(b, now, Confirmed(f"failure in probation: {evidence}", started,
                                                                relapse=True, answered=hard))
             # A missed deadline is an absence of evidence, which a skipped tracer run can
             # fake: in probation too the probe decides, and its failure is the relapse.
@@ -985,7 +659,7 @@ class ServiceHealth:
         if counts_toward_streak:
             b.streak += 1
         if b.streak >= self.settings.failure_threshold:
-            return self._try_quarantine(b, now, _Confirmed(f"{b.streak} consecutive failures, last: {evidence}",
+            return self._try_quarantine(b, now, Confirmed(f"{b.streak} consecutive failures, last: {evidence}",
                                                            b.failing_since, relapse=False, answered=hard))
         if b.state is State.HEALTHY:
             return self._suspect(b, now, evidence, check_peers=not hard)
@@ -1019,17 +693,17 @@ class ServiceHealth:
             # Failure evidence against this peer: it becomes suspect, its own probe decides.
             return actions + self._judge_failure(b, now, evidence, started, ev.refused, counts_toward_streak=False)
         if b.state is State.RAMPING:  # probing a missed deadline in probation
-            return actions + self._try_quarantine(b, now, _Confirmed(
+            return actions + self._try_quarantine(b, now, Confirmed(
                 f"failure in probation: {evidence}", b.failing_since, relapse=True, answered=ev.refused))
         return actions  # a confirmation probe overtaken by a quarantine on the failure streak
 
-    def _confirmation_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str,
+    def _confirmation_answered(self, b: BackendHealth, ev: ProbeResult, now: float, evidence: str,
                                started: float) -> list[Action]:
         if ev.ok:
             b.streak = 0
             b.withheld = None
             b.next_probe_at = None
-            return self._move(b, State.HEALTHY, now, evidence)
+            return self._move(b, Event.PROBE_OK, now, evidence)
         if not ev.local and b.slow_success_during_probe > b.probe_timeout:
             # The backend got slower (a path change, netem in the tests), not dead: a client
             # connect took longer than the probe was allowed to wait, and succeeded. Ask again,
@@ -1043,25 +717,25 @@ class ServiceHealth:
         # The failing evidence began with the failing connect, or with the probe if that
         # was already out (a peer check that became the confirmation).
         since = min(b.failing_since, started)
-        return self._try_quarantine(b, now, _Confirmed(evidence, since, relapse,
+        return self._try_quarantine(b, now, Confirmed(evidence, since, relapse,
                                                        answered=ev.refused and not ev.local, local=ev.local))
 
-    def _readmission_answered(self, b: _Backend, ev: ProbeResult, now: float, evidence: str) -> list[Action]:
+    def _readmission_answered(self, b: BackendHealth, ev: ProbeResult, now: float, evidence: str) -> list[Action]:
         s = self.settings
         if ev.ok:
             b.rises += 1
             if b.rises >= s.rise:
                 return self._start_ramp(b, now, f"{evidence} ({b.rises}/{s.rise})")
-            actions = self._move(b, State.QUARANTINED, now, f"{evidence} ({b.rises}/{s.rise})")
+            actions = self._move(b, Event.PROBE_OK, now, f"{evidence} ({b.rises}/{s.rise})")
             b.next_probe_at = now + self._jittered(s.probe_backoff_initial)
             return actions
         if ev.local:  # the host's failure, not the backend's: ask again, no longer wait
-            actions = self._move(b, State.QUARANTINED, now, f"{evidence} (on this host)")
+            actions = self._move(b, Event.PROBE_FAILED, now, f"{evidence} (on this host)")
             b.next_probe_at = now + self._jittered(b.interval)
             return actions
         b.rises = 0
         b.interval = self._grown(b.interval)
-        actions = self._move(b, State.QUARANTINED, now, evidence)
+        actions = self._move(b, Event.PROBE_FAILED, now, evidence)
         b.next_probe_at = now + self._jittered(b.interval)
         return actions
 
@@ -1101,12 +775,12 @@ class ServiceHealth:
             actions += self._failure(pending.backend, deadline, now, False, evidence, pending.started,
                                      counts_toward_streak=False)
 
-    def _run_timers(self, b: _Backend, now: float) -> list[Action]:
+    def _run_timers(self, b: BackendHealth, now: float) -> list[Action]:
         actions: list[Action] = []
         if b.next_probe_at is not None and now >= b.next_probe_at and not b.probe_outstanding:
             if b.state is State.QUARANTINED:
                 which = f"re-admission probe {b.rises + 1}/{self.settings.rise}"
-                actions += self._move(b, State.PROBING, now, which)
+                actions += self._move(b, Event.PROBE_DUE, now, which)
                 actions += self._probe_now(b, now)
             elif b.state is State.SUSPECT:
                 b.failing_since = now  # a re-probe: peers must show life after it
@@ -1121,13 +795,13 @@ class ServiceHealth:
             b.end_probation()
         return actions
 
-    def _ramp_step(self, b: _Backend, now: float) -> list[Action]:
+    def _ramp_step(self, b: BackendHealth, now: float) -> list[Action]:
         s = self.settings
         ramp_end = b.ramp_start + s.slow_start
         if now >= ramp_end:
             b.next_ramp_step = None
             b.ramp_start = None
-            actions = self._move(b, State.HEALTHY, now,
+            actions = self._move(b, Event.RAMP_DONE, now,
                                  f"slow start complete; probation until +{b.probation_until - now:g} s")
             return actions + self._set_weight(b, b.config.weight, "slow start complete")
         weight = self._ramp_weight(b, now)
@@ -1146,9 +820,9 @@ class ServiceHealth:
 
     # -- construction and reload --
 
-    def _initial_backend(self, cfg: model.Backend, now: float, observed: int | None) -> _Backend:
+    def _initial_backend(self, cfg: model.Backend, now: float, observed: int | None) -> BackendHealth:
         s = self.settings
-        b = _Backend(cfg, State.HEALTHY, now, cfg.weight, s.probe_backoff_initial, s.probe_backoff_initial)
+        b = BackendHealth(cfg, State.HEALTHY, now, cfg.weight, s.probe_backoff_initial, s.probe_backoff_initial)
         if cfg.weight == 0:
             b.state = State.DISABLED
         elif not s.enabled or observed is None or observed >= cfg.weight:
@@ -1161,7 +835,7 @@ class ServiceHealth:
             self._resume_ramp(b, now, observed)
         return b
 
-    def _resume_ramp(self, b: _Backend, now: float, observed: int) -> None:
+    def _resume_ramp(self, b: BackendHealth, now: float, observed: int) -> None:
         """An interrupted slow start continues from the fraction found in the kernel."""
         s = self.settings
         start = min(1.0, max(0.0, s.slow_start_initial_fraction))
@@ -1174,7 +848,7 @@ class ServiceHealth:
         b.weight = observed
         self._note(b, f"found at weight {observed}/{b.config.weight} on start: slow start resumes", now)
 
-    def _reconfigure(self, b: _Backend, now: float) -> list[Action]:
+    def _reconfigure(self, b: BackendHealth, now: float) -> list[Action]:
         cfg = b.config
         if cfg.weight == 0:
             if b.state is State.DISABLED:
@@ -1184,10 +858,10 @@ class ServiceHealth:
             b.probe_outstanding = b.peer_check = False
             b.awaiting = None
             b.withheld = None
-            actions = self._move(b, State.DISABLED, now, "configured weight 0")
+            actions = self._move(b, Event.WEIGHT_ZERO, now, "configured weight 0")
             return actions + self._set_weight(b, 0, "configured weight 0")
         if b.state is State.DISABLED:
-            actions = self._move(b, State.HEALTHY, now, f"configured weight {cfg.weight}")
+            actions = self._move(b, Event.WEIGHT_RESTORED, now, f"configured weight {cfg.weight}")
             return actions + self._set_weight(b, cfg.weight, "configured")
         if b.state in OUT_OF_ROTATION:
             return self._set_weight(b, self.settings.quarantine_weight, "quarantined (reload)")
@@ -1211,13 +885,13 @@ class ServiceHealth:
             b.withheld = None
             b.streak = b.rises = 0
             if b.state not in (State.HEALTHY, State.DISABLED):
-                actions += self._move(b, State.HEALTHY, now, "health checking disabled")
+                actions += self._move(b, Event.HEALTH_DISABLED, now, "health checking disabled")
             actions += self._set_weight(b, b.config.weight, "health checking disabled")
         return actions
 
     # -- status --
 
-    def _backend_snapshot(self, b: _Backend) -> dict:
+    def _backend_snapshot(self, b: BackendHealth) -> dict:
         return {
             "endpoint": format_endpoint(b.key),
             "address": str(b.config.address),
