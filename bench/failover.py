@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipvslb import status  # noqa: E402
-from tests.kernel.client import ClientLoop  # noqa: E402
 from ipvslb.ipvs.client import IPVS  # noqa: E402
 from ipvslb.ipvs.specs import ip  # noqa: E402
 from tests.kernel import topology  # noqa: E402
+from tests.kernel.client import ClientLoop  # noqa: E402
 
 VIP, PORT, WEIGHT = "10.90.0.1", 80, 10
 FAULT = float(os.environ.get("FAULT_SECONDS", 15))

@@ -50,14 +50,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ipvslb.tracer.records import CountedSince  # noqa: E402
 from ipvslb.model import TracerSettings  # noqa: E402
 from ipvslb.tracer.loader import KPROBE, Tracer  # noqa: E402
+from ipvslb.tracer.records import CountedSince  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 
 VIP, PORT = "10.90.0.1", 80
@@ -110,7 +110,7 @@ class Clients:
         self.counts = [CLIENTS.RawValue("Q", 0) for _ in range(n)]
         self.paused = [CLIENTS.RawValue("B", 0) for _ in range(n)]
         self.procs = [CLIENTS.Process(target=client_loop, args=(c, self.pause, p))
-                      for c, p in zip(self.counts, self.paused)]
+                      for c, p in zip(self.counts, self.paused, strict=True)]
         for p in self.procs:
             p.start()
         deadline = time.monotonic() + 120  # a fresh interpreter starts slowly under emulation
@@ -267,7 +267,8 @@ def cost_per_connect(tracer: Tracer, clients: Clients, settle: float) -> list[st
             out.append(f"| BPF {name} | {runs / span_connects:.2f} | {ns / 1000 / span_connects:.1f} | "
                        f"{ns / 1000 / span_connects / base_cpu_us:.1%} |")
     per_connect = traced.consumer_cpu * 1e6 / traced.connects
-    out.append(f"| consumer (ring buffer and counts to events) | | {per_connect:.1f} | {per_connect / base_cpu_us:.1%} |")
+    out.append(f"| consumer (ring buffer and counts to events) | | {per_connect:.1f} | "
+               f"{per_connect / base_cpu_us:.1%} |")
     return out
 
 
@@ -339,15 +340,16 @@ def main() -> None:
         topo.teardown()
 
     base = cells[0].rates
-    print(f"\nshort TCP connects through an IPVS VIP (3 backends), {args.clients} client(s), {os.cpu_count()} vCPU(s), kernel "
-          f"{os.uname().release}; {args.cycles} cycles of {len(cells)} cells, {args.slice:g} s measured per "
+    print(f"\nshort TCP connects through an IPVS VIP (3 backends), {args.clients} client(s), "
+          f"{os.cpu_count()} vCPU(s), kernel {os.uname().release}; {args.cycles} cycles of {len(cells)} cells, "
+          f"{args.slice:g} s measured per "
           f"cell and cycle ({args.settle:g} s settling); {time.monotonic() - started:.0f} s in all; wakeup "
           f"interval {defaults.wakeup_interval * 1000:g} ms, sample interval {defaults.sample_interval * 1000:g} ms")
     print("| cell | connects/s (mean) | of the untraced rate: mean ± 2 s.e. | median | middle half of cycles "
           "| records per connect | context switches per connect |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for cell in cells:
-        ratios = [r / b for r, b in zip(cell.rates, base)]
+        ratios = [r / b for r, b in zip(cell.rates, base, strict=True)]
         mean, margin = mean_and_margin(ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         records = f"{cell.records / cell.connects:.2f}" if cell.consumer else ""

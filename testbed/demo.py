@@ -16,7 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -25,6 +24,7 @@ sys.path.insert(0, str(CHECKOUT))  # a script in testbed/: the checkout's packag
 from ipvslb import status  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 from tests.kernel.client import CONNECT_TIMEOUT, RATE, ClientLoop  # noqa: E402
+
 VIP, PORT = "10.90.0.1", 80
 SOCKET = "/run/ipvslb-demo.sock"  # not in workdir: that may be a 9p share, where sockets cannot live
 
@@ -139,7 +139,7 @@ def run_here(fault_seconds: float = 10.0) -> int:
         t_restore = time.monotonic()
         b1.set_mode("accept")
         b2.set_mode("accept")
-        print(f"\n>>> both restored; waiting for re-admission through probes and slow start")
+        print("\n>>> both restored; waiting for re-admission through probes and slow start")
         restored = {f"{b.v4}:{b.port}" for b in (b1, b2)}
         while time.monotonic() - t_restore < 90 and not _fully_back(watch.latest, restored):
             time.sleep(0.5)
@@ -197,7 +197,8 @@ def run_in_vm(kernel: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Live failover demo: three backends, a client loop of "
                                      f"{RATE} connects/s, one backend refusing, another blackholed, both restored.")
-    parser.add_argument("--kernel", default="6.12", help="test-bed kernel for the VM: 6.1, 6.12 or newest (default 6.12)")
+    parser.add_argument("--kernel", default="6.12",
+                        help="test-bed kernel for the VM: 6.1, 6.12 or newest (default 6.12)")
     parser.add_argument("--here", action="store_true", help="run on this host instead of a VM (needs root and IPVS)")
     args = parser.parse_args()
     return run_here() if args.here else run_in_vm(args.kernel)

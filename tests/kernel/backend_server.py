@@ -3,7 +3,8 @@
 Runs inside a backend's network namespace. A unix control socket takes one word per
 connection: `accept` (listen), `refuse` (close the TCP listener, so SYNs get RST),
 `udp-close` (close the UDP socket, so datagrams draw ICMP port unreachable), `udp-silent`
-(read datagrams, answer none), `udp-serve` (answer again) or `quit`; it answers `ok`. Blackholing is done outside, on the client's neighbour table.
+(read datagrams, answer none), `udp-serve` (answer again) or `quit`; it answers `ok`.
+Blackholing is done outside, on the client's neighbour table.
 TCP connections are answered with the backend's name first, then echo, so a test can tell
 which backend IPVS chose; UDP datagrams are answered with `<name> <payload>`.
 """

@@ -288,7 +288,8 @@ def test_tracked_connections_stay_bounded_and_drain(traced, topo):
     traced.read(timeout_ms=100)
     after = tracked_connections(traced)
     lost = traced.lost_records()
-    print(f"tracked while 1500 open: {during}; after 100000 connects: {after}; lost records: {lost}; {rate:.0f} connects/s")
+    print(f"tracked while 1500 open: {during}; after 100000 connects: {after}; lost records: {lost}; "
+          f"{rate:.0f} connects/s")
     assert during <= 1024
     assert after <= 5
 
@@ -364,7 +365,7 @@ int busy(struct pt_regs *ctx) {
 
 BPF_ARRAY(witnessed, u64, 1);
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol == 6 && args->newstate == 1 && args->dport == %d) {
+    if (args->protocol == 6 && args->newstate == 1 && args->dport == PORT) {
         int zero = 0;
         u64 *n = witnessed.lookup(&zero);
         if (n)
@@ -372,7 +373,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     }
     return 0;
 }
-""" % PORT
+"""
 
 
 def test_a_tracing_program_busy_on_every_cpu_hides_no_connect_from_the_tracer(traced, topo):
@@ -389,7 +390,7 @@ def test_a_tracing_program_busy_on_every_cpu_hides_no_connect_from_the_tracer(tr
 
     add_service(topo, VIP4, topo.backends)
     traced.set_sample_interval(0.0)
-    bpf = BPF(text=BUSY_AND_WITNESS_PROGRAM.encode())
+    bpf = BPF(text=BUSY_AND_WITNESS_PROGRAM.encode(), cflags=[f"-DPORT={PORT}"])
     bpf.attach_kprobe(event=bpf.get_syscall_fnname(b"getppid"), fn_name=b"busy")
     witnessed = bpf[b"witnessed"]
     # One per CPU: the timer fires on the CPU that queued the SYN, which the client leaves idle.

@@ -71,7 +71,8 @@ class TestBackend:
             # A permanent neighbour entry to a MAC nobody owns: frames leave, nobody answers.
             # (An unreachable route or an unresolved neighbour would fail locally instead.)
             for addr in (self.v4, self.v6):
-                sh("ip", "neigh", "replace", str(addr), "lladdr", UNOWNED_MAC, "dev", self.host_link, "nud", "permanent")
+                sh("ip", "neigh", "replace", str(addr), "lladdr", UNOWNED_MAC, "dev", self.host_link,
+                   "nud", "permanent")
         elif self.mode == "blackhole":
             for addr in (self.v4, self.v6):
                 sh("ip", "neigh", "del", str(addr), "dev", self.host_link, check=False)

@@ -9,8 +9,8 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -110,7 +110,8 @@ MALFORMED = {
     "negative integer of 65 bits": (edit(SERVICE, "port: 80", f"port: -{2**64}"),
                                     f"services[0].port: integer beyond 64 bits: got -{2**64}, expected"),
     "huge sexagesimal integer": (edit(SERVICE, "port: 80", "port: 1" + ":59" * 2000),
-                                 "services[0].port: integer beyond 64 bits: got 1:59:59:59:59:59:59:…59:59:59 (6001 characters)"),
+                                 "services[0].port: integer beyond 64 bits: got "
+                                 "1:59:59:59:59:59:59:…59:59:59 (6001 characters)"),
     "huge integer as a backend": (edit(SERVICE, "      - address: 10.0.1.2\n        port: 8080\n",
                                        "      - " + "7" * 300 + "\n"),
                                   "services[0].backends[1]: not a mapping or string: got 77777777777777777777…"),
@@ -133,7 +134,8 @@ MALFORMED = {
                              "services[0].persistence_timeout: out of range: got -5"),
     "bad service name": (edit(SERVICE, "name: web", "name: my web"),
                          "services[0].name: bad name: got 'my web'"),
-    "missing vip": (edit(SERVICE, "    vip: 10.0.0.1\n", ""), "services[0].vip: missing: expected a unicast IPv4 or IPv6"),
+    "missing vip": (edit(SERVICE, "    vip: 10.0.0.1\n", ""),
+                    "services[0].vip: missing: expected a unicast IPv4 or IPv6"),
     "duplicate service key": (extra_service("""\
         - name: web2
           vip: 10.0.0.1
@@ -225,6 +227,21 @@ MALFORMED = {
     "nice out of range": ("settings: {nice: -21}\n" + SERVICE,
                           "settings.nice: out of range: got -21, expected an integer from -20 to 19 or null"),
     "nice as string": ("settings: {nice: high}\n" + SERVICE, "settings.nice: not an integer: got 'high'"),
+    "notify command as a string": ('settings: {notify_command: "/usr/bin/logger down"}\n' + SERVICE,
+                                   "settings.notify_command: not a list: got '/usr/bin/logger down', expected a "
+                                   "list of 1 to 64 of: a string"),
+    "notify command searched in PATH": ("settings: {notify_command: [logger, down]}\n" + SERVICE,
+                                        "settings.notify_command[0]: not an absolute path: got 'logger', "
+                                        "expected the program as an absolute path (no shell, no PATH search)"),
+    "notify command empty": ("settings: {notify_command: []}\n" + SERVICE,
+                             "settings.notify_command: empty: got []"),
+    "notify command argument not a string": ("settings: {notify_command: [/usr/bin/logger, 3]}\n" + SERVICE,
+                                             "settings.notify_command[1]: not a string: got 3"),
+    "notify timeout zero": ("settings: {notify_timeout: 0}\n" + SERVICE,
+                            "settings.notify_timeout: out of range: got 0, expected a number > 0"),
+    "notify concurrency above 16": ("settings: {notify_concurrency: 17}\n" + SERVICE,
+                                    "settings.notify_concurrency: out of range: got 17, expected an integer "
+                                    "from 1 to 16"),
     "log level": ("settings: {log_level: verbose}\n" + SERVICE,
                   "settings.log_level: unknown value: got 'verbose', expected one of debug, info"),
     "metrics address without port": ("settings: {metrics_address: 127.0.0.1}\n" + SERVICE,
@@ -468,6 +485,9 @@ def test_every_setting_can_be_given():
           log_level: debug
           nice: null
           ipvs_verify_interval: 5
+          notify_command: [/usr/local/bin/page, --source, ipvslb]
+          notify_timeout: 2.5
+          notify_concurrency: 1
           sysctls: {conntrack: false, expire_nodest_conn: false, expire_quiescent_template: false,
                     conn_reuse_mode: 0}
           tracer: {connection_capacity: 1024, ring_buffer_pages: 8}
@@ -505,6 +525,7 @@ def test_every_setting_can_be_given():
     assert cfg.settings == model.Settings(
         vip_interface="lb0", manage_vips=False, state_dir="/srv/ipvslb", status_socket="/run/lb.sock",
         metrics_address="[::1]:9100", log_level="debug", nice=None, ipvs_verify_interval=5.0,
+        notify_command=("/usr/local/bin/page", "--source", "ipvslb"), notify_timeout=2.5, notify_concurrency=1,
         sysctls=model.Sysctls(False, False, False, 0), tracer=model.TracerSettings(1024, 8))
     (svc,) = cfg.services
     assert (svc.protocol, svc.scheduler, svc.scheduler_flags, svc.persistence_timeout, svc.forwarding) == (

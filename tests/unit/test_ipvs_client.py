@@ -12,7 +12,7 @@ import pytest
 from ipvslb.ipvs import client as client_module
 from ipvslb.ipvs import messages
 from ipvslb.ipvs.client import IPVS, IPVSError
-from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec, Stats
+from ipvslb.ipvs.specs import DestSpec, Op, OpKind, ServiceSpec, Stats
 from tests.unit.fake_ipvs import FAMILY, FakeKernel
 
 ip = ipaddress.ip_address
@@ -35,7 +35,7 @@ def ipvs(kernel):
 
 
 def test_writes_go_out_in_batches_with_one_acknowledgement_each(ipvs, kernel):
-    ops = [Op("add-service", WEB)] + [Op("add-dest", WEB, dest(n)) for n in range(600)]
+    ops = [Op(OpKind.ADD_SERVICE, WEB)] + [Op(OpKind.ADD_DEST, WEB, dest(n)) for n in range(600)]
     assert ipvs.execute(ops) == []
     assert ipvs.writes == 601
     assert kernel.datagrams == 3  # 256 messages at most per datagram
@@ -44,19 +44,19 @@ def test_writes_go_out_in_batches_with_one_acknowledgement_each(ipvs, kernel):
 
 
 def test_a_failure_is_reported_for_its_own_operation_and_the_rest_proceeds(ipvs, kernel):
-    ops = [Op("edit-service", WEB), Op("add-service", WEB), Op("edit-dest", WEB, dest(1)),
-           Op("add-dest", WEB, dest(1)), Op("add-service", WEB6)]
+    ops = [Op(OpKind.EDIT_SERVICE, WEB), Op(OpKind.ADD_SERVICE, WEB), Op(OpKind.EDIT_DEST, WEB, dest(1)),
+           Op(OpKind.ADD_DEST, WEB, dest(1)), Op(OpKind.ADD_SERVICE, WEB6)]
     failures = ipvs.execute(ops)
-    assert [(f.op.kind, f.errno) for f in failures] == [("edit-service", errno.ESRCH), ("edit-dest", errno.ENOENT)]
+    assert [(f.op.kind.value, f.errno) for f in failures] == [("edit-service", errno.ESRCH), ("edit-dest", errno.ENOENT)]
     assert len(kernel.services) == 2
     assert "edit-service" in str(failures[0]) and "ESRCH" in str(failures[0])
 
 
 def test_already_done_counts_as_done(ipvs):
-    ops = [Op("add-service", WEB), Op("add-dest", WEB, dest(1))]
+    ops = [Op(OpKind.ADD_SERVICE, WEB), Op(OpKind.ADD_DEST, WEB, dest(1))]
     assert ipvs.execute(ops + ops) == []
-    assert ipvs.execute([Op("delete-dest", WEB, dest(1))] * 2 + [Op("delete-service", WEB)] * 2
-                        + [Op("delete-dest", WEB, dest(1))]) == []
+    assert ipvs.execute([Op(OpKind.DELETE_DEST, WEB, dest(1))] * 2 + [Op(OpKind.DELETE_SERVICE, WEB)] * 2
+                        + [Op(OpKind.DELETE_DEST, WEB, dest(1))]) == []
 
 
 def test_single_operations_raise(ipvs):
@@ -67,8 +67,8 @@ def test_single_operations_raise(ipvs):
 
 
 def test_dumps_read_back_what_was_written(ipvs):
-    ipvs.execute([Op("add-service", WEB), Op("add-service", WEB6), Op("add-dest", WEB, dest(1, 5)),
-                  Op("add-dest", WEB6, DestSpec(ip("fd77:1::2").packed, 8080, 2, 3))])
+    ipvs.execute([Op(OpKind.ADD_SERVICE, WEB), Op(OpKind.ADD_SERVICE, WEB6), Op(OpKind.ADD_DEST, WEB, dest(1, 5)),
+                  Op(OpKind.ADD_DEST, WEB6, DestSpec(ip("fd77:1::2").packed, 8080, 2, 3))])
     assert sorted(s.spec for s in ipvs.services()) == sorted([WEB, WEB6])
     assert [d.spec for d in ipvs.dests(WEB6)] == [DestSpec(ip("fd77:1::2").packed, 8080, 2, 3)]
     (d,) = ipvs.dests(WEB, stats=True)
@@ -141,5 +141,6 @@ def test_a_silent_kernel_is_an_error_well_before_the_watchdog():
 
 
 def test_commands_are_numbered_as_in_ip_vs_h():
-    assert (messages.CMD_NEW_SERVICE, messages.CMD_GET_DEST, messages.CMD_GET_INFO, messages.CMD_FLUSH) == (1, 8, 15, 17)
+    commands = (messages.CMD_NEW_SERVICE, messages.CMD_GET_DEST, messages.CMD_GET_INFO, messages.CMD_FLUSH)
+    assert commands == (1, 8, 15, 17)
     assert client_module.BATCH_MESSAGES * 200 < client_module.BUFFER_BYTES

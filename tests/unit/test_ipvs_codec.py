@@ -55,7 +55,8 @@ def test_dest_messages_read_back_through_pyroute2():
         "IPVS_DEST_ATTR_ADDR": dest.address, "IPVS_DEST_ATTR_PORT": 8080, "IPVS_DEST_ATTR_ADDR_FAMILY": 10,
         "IPVS_DEST_ATTR_FWD_METHOD": 2, "IPVS_DEST_ATTR_WEIGHT": 9, "IPVS_DEST_ATTR_U_THRESH": 0,
         "IPVS_DEST_ATTR_L_THRESH": 0}
-    delete = decode(codec.message(0x1F, messages.CMD_DEL_DEST, 1, 1, codec.service_id(V4_SERVICE) + codec.dest_id(dest)))
+    body = codec.service_id(V4_SERVICE) + codec.dest_id(dest)
+    delete = decode(codec.message(0x1F, messages.CMD_DEL_DEST, 1, 1, body))
     assert [n for n, _ in delete.get_attr("IPVS_CMD_ATTR_DEST")["attrs"]] == [
         "IPVS_DEST_ATTR_ADDR", "IPVS_DEST_ATTR_PORT", "IPVS_DEST_ATTR_ADDR_FAMILY"]
 

@@ -42,7 +42,7 @@ def test_ipvslb_8_has_every_command_and_option_of_the_parser():
     text = _plain(page)
     commands = gen._commands(build_parser())
     assert {name for name, _, _ in commands} >= {"run", "check-config", "status", "events"}
-    for name, help_, sub in commands:
+    for name, _help, sub in commands:
         assert f".SS {name}\n" in page
         assert f"ipvslb {name}" in text  # its synopsis line
         for action in sub._actions:
