@@ -688,3 +688,59 @@ int trace_ip_vs_nat_icmp_v6(struct pt_regs *ctx, u64 skb, void *pp, const struct
         return 0;
     return report_unreachable(cp, icmp[1]);
 }
+
+// UDP packets per (VIP, backend), counted where IPVS rewrites them for a masquerading
+// service: requests in udp_dnat_handler, replies in udp_snat_handler. IPVS's own
+// per-destination counters reach user space only when its rate estimator runs (every 2 s);
+// these are current at every read, so a backend that falls silent is judged a reply window
+// after its silence, not 2-4 s later. Read (not memory-mapped: a few entries, 4 reads per
+// window) by the tracer's udp_counts().
+struct udp_stats {
+    u64 sent;
+    u64 received;
+};
+_Static_assert(sizeof(struct udp_stats) == UDP_STATS_SIZE,
+               "struct udp_stats differs from UDP_STATS in ipvslb/tracer/records.py");
+BPF_HASH(udp_counts, struct pair, struct udp_stats, PAIR_SLOTS);
+
+static __always_inline int count_udp(const struct ip_vs_conn_head *cp, int reply) {
+    struct ip_vs_conn_head c = {};
+    bpf_probe_read_kernel(&c, sizeof(c), cp);
+    if (c.protocol != PROTO_UDP)
+        return 0;
+    struct vip_key key = {};
+    copy_addr(key.addr, &c.vaddr, c.af);
+    key.port = bpf_ntohs(c.vport);
+    key.protocol = PROTO_UDP;
+    key.family = c.af;
+    if (!vips.lookup(&key))
+        return 0;
+    struct pair p = {};
+    __builtin_memcpy(p.vaddr, key.addr, 16);
+    copy_addr(p.baddr, &c.daddr, c.daf);
+    p.vport = key.port;
+    p.bport = bpf_ntohs(c.dport);
+    p.family = c.af;
+    p.bfamily = c.daf;
+    p.protocol = PROTO_UDP;
+    struct udp_stats zero = {};
+    struct udp_stats *s = udp_counts.lookup_or_try_init(&p, &zero);
+    if (!s)
+        return 0;
+    if (reply)
+        __sync_fetch_and_add(&s->received, 1);
+    else
+        __sync_fetch_and_add(&s->sent, 1);
+    return 0;
+}
+
+// static int udp_dnat_handler(struct sk_buff *skb, struct ip_vs_protocol *pp,
+//                             struct ip_vs_conn *cp, struct ip_vs_iphdr *iph): to the backend.
+int trace_udp_dnat_handler(struct pt_regs *ctx, u64 skb, void *pp, const struct ip_vs_conn_head *cp) {
+    return count_udp(cp, 0);
+}
+
+// udp_snat_handler, same arguments: a reply from the backend, rewritten to come from the VIP.
+int trace_udp_snat_handler(struct pt_regs *ctx, u64 skb, void *pp, const struct ip_vs_conn_head *cp) {
+    return count_udp(cp, 1);
+}

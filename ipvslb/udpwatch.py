@@ -1,21 +1,21 @@
-"""UDP evidence from IPVS's per-destination packet counters (pure: counters and times in).
+"""UDP evidence from per-backend packet counts (pure: counters and times in).
 
-UDP has no handshake for the tracer to watch, but IPVS counts packets both ways for each
-destination. The daemon reads the counters `STEPS` times per `udp_reply_window`; a backend
-that has been sent packets and sent none back for a whole window since is a soft failure,
-anything coming back is a success. The window is measured from the first reading that saw
-a packet go out unanswered.
+UDP has no handshake for the tracer to watch, but packets to and from each backend can be
+counted: by the tracer where IPVS rewrites them (current at every read), or else by IPVS's
+per-destination counters. The daemon reads the counts `STEPS` times per `udp_reply_window`;
+a backend that has been sent packets and sent none back for a whole window since is a soft
+failure, anything coming back is a success. The window is measured from the first reading
+that saw a packet go out unanswered.
 
 IPVS refreshes the counters it reports only every `IPVS_REFRESH` seconds (its rate
-estimator sums the per-CPU counters then), so a reading sees packets up to 2 s late: a
-backend that stops replying is judged 2-4 s (the refresh that still holds its last replies,
-then one that shows only requests) plus one window after its first silence. A lone request
-whose reply comes just after a refresh looks unanswered until the next one: that window's
-soft failure only makes the backend suspect, and the probe clears it.
+estimator sums the per-CPU counters then): read from IPVS, a backend that stops replying is
+judged 2-4 s later than from the tracer's counts. A lone request whose reply comes just
+after a reading looks unanswered until the next one: that window's soft failure only makes
+the backend suspect, and the probe clears it.
 
-ICMP errors that IPVS itself generates (no usable destination) never reach these counters.
-An ICMP error the backend sends is counted as a packet from it, like a reply: the tracer
-reports it separately, as an unreachable (a hard failure).
+ICMP errors that IPVS itself generates (no usable destination) never reach these counts.
+An ICMP error the backend sends is counted as a packet from it by IPVS, like a reply (not by
+the tracer): the tracer reports it separately, as an unreachable (a hard failure).
 """
 from __future__ import annotations
 

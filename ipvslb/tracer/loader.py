@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb.model import IPAddress, TracerSettings
+from ipvslb.model import Endpoint, IPAddress, TracerSettings
 from ipvslb.tracer import btf, conntable, paircounts, records, ringbuf
 from ipvslb.tracer.records import ConnEvent
 
@@ -22,6 +22,8 @@ __all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
 KPROBE = b"ip_vs_conn_new"
 # Where IPVS rewrites an ICMP error coming back from a backend: the UDP unreachables.
 ICMP_KPROBES = {b"ip_vs_nat_icmp": b"trace_ip_vs_nat_icmp", b"ip_vs_nat_icmp_v6": b"trace_ip_vs_nat_icmp_v6"}
+# Where IPVS rewrites a masqueraded UDP packet, to the backend and back: the reply counts.
+UDP_KPROBES = {b"udp_dnat_handler": b"trace_udp_dnat_handler", b"udp_snat_handler": b"trace_udp_snat_handler"}
 
 
 class TracerUnavailable(RuntimeError):
@@ -118,7 +120,8 @@ def sock_layout() -> list[str]:
 # The structs the program shares with records.py, by the macro the program checks each one's
 # size against (_Static_assert): a layout changed on one side only fails the compile.
 SHARED_STRUCTS = {"RECORD_SIZE": records.RECORD, "PAIR_SIZE": records.PAIR, "PAIR_STATS_SIZE": records.PAIR_STATS,
-                  "VIP_KEY_SIZE": records.VIP_KEY}
+                  "VIP_KEY_SIZE": records.VIP_KEY,
+                  "UDP_STATS_SIZE": records.UDP_STATS}
 
 
 def size_flags() -> list[str]:
@@ -181,6 +184,9 @@ class Tracer:
             self._attach_kprobe()
         else:
             self.use_conntable()
+        # Whether UDP packets are counted here per (VIP, backend) (udp_counts); without these
+        # kprobes the daemon reads IPVS's own counters, which lag by up to 2 s.
+        self.udp_counting = self._attach_all(UDP_KPROBES)
         ring_fd = self.bpf[b"records"].map_fd
         self._ring = ringbuf.RingBuffer(ring_fd, pages * mmap.PAGESIZE, records.RECORD.size)
         # The ring buffer's own fd polls readable whenever any record is unread, so a loop
@@ -216,6 +222,19 @@ class Tracer:
                 continue
             self.udp_unreachables = True
 
+    def _attach_all(self, kprobes: dict[bytes, bytes]) -> bool:
+        try:
+            for event, fn in kprobes.items():
+                self.bpf.attach_kprobe(event=event, fn_name=fn)
+        except Exception:  # kprobes disabled, or a symbol missing: none or all of them
+            for event in kprobes:
+                try:
+                    self.bpf.detach_kprobe(event=event)
+                except Exception:  # was not attached
+                    pass
+            return False
+        return True
+
     def use_conntable(self) -> None:
         """Attribute backends from the IPVS connection table instead of the kprobe."""
         if self.attribution == "kprobe":
@@ -239,6 +258,11 @@ class Tracer:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
         for port in self._ports - ports:
             port_table[ctypes.c_int(port)] = ctypes.c_uint8(0)
+        udp = self.bpf[b"udp_counts"]
+        for key in list(udp.keys()):
+            protocol, vip, _backend = records.decode_pair(bytes(key))
+            if records.vip_key(protocol, *vip) not in wanted:
+                del udp[key]
         self._vips, self._ports = wanted, ports
 
     def fileno(self) -> int:
@@ -280,6 +304,15 @@ class Tracer:
         """Successes counted in the kernel rather than reported, per (VIP, backend).
         Counts only grow; a reader takes the difference from its last call."""
         return self._pair_counts.read()
+
+    def udp_counts(self) -> dict[tuple[Endpoint, Endpoint], tuple[int, int]]:
+        """(VIP, backend) -> (UDP packets sent to the backend, packets back from it), counted
+        since the VIP was traced; empty unless `udp_counting`."""
+        counts = {}
+        for key, value in self.bpf[b"udp_counts"].items():
+            _protocol, vip, backend = records.decode_pair(bytes(key))
+            counts[(vip, backend)] = (value.sent, value.received)
+        return counts
 
     def lost_records(self) -> int:
         return int(self.bpf[b"lost"].sum(0).value)

@@ -183,6 +183,17 @@ def pair_key(protocol: str, vip: Endpoint, backend: Endpoint) -> bytes:
                      PROTOCOLS[protocol])
 
 
+def decode_pair(raw: bytes) -> tuple[str, Endpoint, Endpoint]:
+    """A struct pair back into (protocol, VIP, backend)."""
+    vaddr, baddr, vport, bport, family, bfamily, protocol = PAIR.unpack(raw)
+    return (PROTOCOL_NAMES.get(protocol, str(protocol)), (_address(vaddr, family), vport),
+            (_address(baddr, bfamily), bport))
+
+
+# struct udp_stats, a `udp_counts` value: UDP packets to the backend, and back from it.
+UDP_STATS = struct.Struct("<QQ")
+
+
 class CountedSince:
     """The kernel's counts only grow; this remembers the last count per (VIP, backend) and
     returns what is new. A count below the last one means the pair was deleted and counts

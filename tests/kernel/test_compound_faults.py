@@ -18,8 +18,8 @@ import pytest
 from tests.kernel.client import ClientLoop
 from tests.kernel import topology
 from tests.kernel.conftest import ipvsadm
-from tests.kernel.test_daemon import WORK, DaemonProcess, first_weight, wait_for
-from tests.kernel.test_daemon import kernel_weights as weights_of  # of a given VIP
+from tests.kernel.daemonproc import WORK, DaemonProcess, first_weight, wait_for
+from tests.kernel.daemonproc import kernel_weights as weights_of  # of a given VIP
 from tests.kernel.wire import SynWatch
 
 THREE = ("10.91.0.3", 80)  # a service over backends b4 b5 b6
@@ -195,11 +195,21 @@ def restore_every_path(backends, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["link down", "drop on the way out"])
-def test_this_host_losing_its_path_to_every_backend_quarantines_nothing(how, client, fresh, four_backends):
+def test_this_host_losing_its_path_to_every_backend_quarantines_nothing_while_it_is_lost(
+        how, client, fresh, four_backends):
     """Every backend of the service unreachable from this host at once, for 5 s: that is this
-    host's failure, not the backends'. Nothing is quarantined, and once the path is back every
-    backend serves again without a restart."""
+    host's failure, not the backends'. Nothing is quarantined while the path is lost; once it
+    is back every backend serves again at full weight without a restart, and no connect
+    started after the restore fails.
+
+    A link set up again transmits only once the kernel has activated it (its link watch, up
+    to 1 s later; a SYN sent meanwhile is dropped without an error): a backend whose connect
+    and probe fall in that gap can be quarantined right after the restore and re-admitted by
+    its probes a few seconds later (seen on 6.12: 2 of 3 backends out 0.2 s after the
+    restore, at full weight again 4.3 s later, no failed connect). That is not asserted
+    against; the daemon cannot tell it from two backends failing together."""
     backends = four_backends.backends[:3]
+    full = {endpoint(b): WEIGHT for b in backends}
     loop = client(THREE)
     wait_for_history(loop, backends)
     pid = fresh.proc.pid
@@ -210,22 +220,24 @@ def test_this_host_losing_its_path_to_every_backend_quarantines_nothing(how, cli
     finally:
         restore_every_path(backends, how)
     restored = time.monotonic()
-    row = wait_for(lambda: (r := rows(fresh, "three")) and all(x["state"] == "healthy" for x in r.values()) and r,
-                   30, "every backend healthy again")
+    wait_for(lambda: all(x["state"] == "healthy" for x in rows(fresh, "three").values())
+             and weights_of(*THREE) == full, 30, "every backend healthy at full weight again")
     back = time.monotonic()
     time.sleep(3)
     loop.stop()
-    lowered = {ep: [(round(t - lost, 2), w) for t, w in r["weight_history"] if t >= lost and w < WEIGHT]
+    row = rows(fresh, "three")
+    lowered = {ep: [(round(t - lost, 2), w) for t, w in r["weight_history"] if lost <= t <= restored and w < WEIGHT]
                for ep, r in row.items()}
-    after = [a for a in loop.attempts if a.started >= back]
-    print(f"{how}: every path lost for {restored - lost:.1f} s; healthy again {back - restored:.2f} s after it came "
-          f"back; weights lowered meanwhile: {lowered}; connects after: {len(after)}, "
-          f"{sum(1 for a in after if not a.ok)} failed; freeze lines: "
+    after_restore = [a for a in loop.attempts if a.started >= restored]
+    after = [a for a in after_restore if a.started >= back]
+    print(f"{how}: every path lost for {restored - lost:.1f} s; healthy at full weight {back - restored:.2f} s after "
+          f"it came back; weights lowered while lost: {lowered}; connects after the restore: {len(after_restore)}, "
+          f"{sum(1 for a in after_restore if not a.ok)} failed; freeze lines: "
           f"{[line for line in fresh.log().splitlines() if 'freez' in line or 'frozen' in line][-3:]}")
     assert all(not changes for changes in lowered.values()), lowered
-    assert weights_of(*THREE) == {endpoint(b): WEIGHT for b in backends}
+    assert weights_of(*THREE) == full
     assert fresh.proc.pid == pid and fresh.proc.poll() is None
-    assert after and all(a.ok for a in after)
+    assert after and all(a.ok for a in after_restore), [a.error for a in after_restore if not a.ok]
     assert {a.backend for a in after} == {f"b{b.index}" for b in backends}
 
 

@@ -116,3 +116,12 @@ def test_conntable_parses_ipv4_and_ipv6_rows():
     assert table[("tcp", (v4, 40000), (v4, 80))] == (ipaddress.ip_address("10.77.1.2"), 8080)
     v6 = ipaddress.ip_address("fd90::1")
     assert table[("tcp", (v6, 40001), (v6, 80))] == (ipaddress.ip_address("fd77:1::2"), 8080)
+
+
+@pytest.mark.parametrize("vip,backend", [(("10.0.0.1", 53), ("10.0.1.2", 5353)),
+                                         (("fd00::1", 53), ("fd00:1::2", 53)),
+                                         (("fd00::1", 53), ("10.0.1.2", 53))])
+def test_a_pair_key_decodes_back_to_its_vip_and_backend(vip, backend):
+    vip = (ipaddress.ip_address(vip[0]), vip[1])
+    backend = (ipaddress.ip_address(backend[0]), backend[1])
+    assert records.decode_pair(records.pair_key("udp", vip, backend)) == ("udp", vip, backend)
