@@ -1,4 +1,4 @@
-"""Command line: `ipvslb run | check-config | status | events`."""
+"""Command line: `ipvslb run | check-config | status | drain | undrain | events`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ from ipvslb import __version__
 
 DEFAULT_CONFIG = "/etc/ipvslb/config.yaml"
 DEFAULT_STATUS_SOCKET = "/run/ipvslb/status.sock"
+DEFAULT_CONTROL_SOCKET = "/run/ipvslb/control.sock"
+WAIT_TIMEOUT_EXIT = 3   # `drain --wait`: connections still active at the timeout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON document, for scripts")
     status.set_defaults(handler=_status)
 
+    drain = sub.add_parser(
+        "drain", help="take a backend out of rotation without a configuration change: weight 0 in IPVS, "
+        "established connections go on",
+        description="Set the backend's weight to 0 in IPVS until `ipvslb undrain`: no new connections go to "
+        "it, established ones go on. The drain is kept in the state directory: it holds across restarts and "
+        "reloads, and ends when a reload removes the backend. Health checking goes on meanwhile. "
+        f"Exit status: 0 done, 1 error (the message names it), {WAIT_TIMEOUT_EXIT} --wait timed out with "
+        "connections still active (the backend stays drained).")
+    _add_backend_arguments(drain)
+    drain.add_argument("--wait", action="store_true",
+                       help="then wait until the backend has no active connections left in IPVS")
+    drain.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help=f"with --wait: give up after this long, exit status {WAIT_TIMEOUT_EXIT} "
+                       "(default: wait without a limit)")
+    drain.set_defaults(handler=_drain)
+
+    undrain = sub.add_parser("undrain", help="end a drain: the backend gets the weight health wants again",
+                             description="End `ipvslb drain`: the backend gets the weight its health state "
+                             "wants (the configured one when healthy). Exit status: 0 done, 1 error.")
+    _add_backend_arguments(undrain)
+    undrain.set_defaults(handler=_drain)
+
     events = sub.add_parser("events", help="stream decoded connection events for the configured VIPs (needs root, BPF)")
     events.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration naming the VIPs (default {DEFAULT_CONFIG})")
     events.add_argument("--vip", action="append", default=[], metavar="PROTO:ADDR:PORT",
@@ -52,21 +76,88 @@ def _add_daemon_options(command: argparse.ArgumentParser) -> None:
                          f"(its default: {DEFAULT_STATUS_SOCKET})")
 
 
-def _daemon_socket(args: argparse.Namespace) -> str | None:
-    """The socket given with --socket, else the one --config's file sets; None after a
-    one-line error when that file does not load."""
+def _add_backend_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("service", metavar="SERVICE", help="the service's name in the configuration")
+    command.add_argument("backend", metavar="BACKEND",
+                         help="the backend as ADDR:PORT ([ADDR]:PORT for IPv6), or ADDR when the service has one "
+                         "backend at that address")
+    command.add_argument("--config", default=DEFAULT_CONFIG,
+                         help=f"the daemon's configuration, whose settings.control_socket is used (default {DEFAULT_CONFIG})")
+    command.add_argument("--socket", help="control socket, instead of the one the configuration sets "
+                         f"(its default: {DEFAULT_CONTROL_SOCKET})")
+
+
+def _daemon_socket(args: argparse.Namespace, control: bool = False) -> str | None:
+    """The socket given with --socket, else the one --config's file sets (the status
+    socket, or the control socket); None after a one-line error when that file does not load."""
     if args.socket:
         return args.socket
     from ipvslb import config
 
     try:
-        return config.load(args.config).settings.status_socket
+        settings = config.load(args.config).settings
+        return settings.control_path() if control else settings.status_socket
     except config.ConfigError as err:
         more = len(err.messages) - 1
         rest = f" (and {more} more: `ipvslb check-config {args.config}`)" if more else ""
-        print(f"ipvslb: cannot take the status socket from the configuration (or pass --socket): "
-              f"{err.messages[0]}{rest}", file=sys.stderr)
+        print(f"ipvslb: cannot take the {'control' if control else 'status'} socket from the configuration "
+              f"(or pass --socket): {err.messages[0]}{rest}", file=sys.stderr)
         return None
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """`drain` and `undrain`: one request on the control socket, then for `drain --wait`
+    a look at the backend's active connections every WAIT_POLL seconds."""
+    import time
+
+    from ipvslb import control
+
+    wait = getattr(args, "wait", False)
+    if getattr(args, "timeout", None) is not None and not wait:
+        print("ipvslb: --timeout goes with --wait", file=sys.stderr)
+        return 2
+    path = _daemon_socket(args, control=True)
+    if path is None:
+        return 1
+    started = time.monotonic()
+    try:
+        answer = control.request(path, args.command, args.service, args.backend)
+    except control.ControlError as err:
+        print(f"ipvslb: {args.command} {args.service} {args.backend}: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"ipvslb: cannot reach the daemon's control socket {path}: {err.strerror or err}. "
+              "Is `ipvslb run` running?", file=sys.stderr)
+        return 1
+    print(f"{answer['service']} {answer['backend']}: {'drained' if answer['drained'] else 'undrained'}, "
+          f"weight {answer.get('weight', '?')}, {answer.get('active_connections', '?')} active connections",
+          flush=True)
+    if not wait:
+        return 0
+    deadline = None if args.timeout is None else started + args.timeout
+    while answer is None or answer.get("active_connections") != 0:
+        if deadline is not None and time.monotonic() >= deadline:
+            active = "?" if answer is None else answer.get("active_connections", "?")
+            print(f"ipvslb: drain {args.service} {args.backend}: {active} active connections still after "
+                  f"{args.timeout:g} s; the backend stays drained", file=sys.stderr)
+            return WAIT_TIMEOUT_EXIT
+        time.sleep(WAIT_POLL)
+        try:
+            answer = control.request(path, "drained", args.service, args.backend)
+        except control.ControlError as err:
+            print(f"ipvslb: drain {args.service} {args.backend}: {err}", file=sys.stderr)
+            return 1
+        except OSError:
+            answer = None   # the daemon restarting: the drain holds, ask again
+        if answer is not None and not answer["drained"]:
+            print(f"ipvslb: drain {args.service} {args.backend}: undrained while waiting", file=sys.stderr)
+            return 1
+    print(f"{answer['service']} {answer['backend']}: no active connections after "
+          f"{time.monotonic() - started:.1f} s", flush=True)
+    return 0
+
+
+WAIT_POLL = 0.2   # seconds between `drain --wait`'s looks at the connection count
 
 
 def _run(args: argparse.Namespace) -> int:

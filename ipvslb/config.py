@@ -135,8 +135,13 @@ def unit_warnings(cfg: model.Config, source: str = "<string>") -> list[str]:
     """Paths the packaged unit does not let the daemon write: valid, but `ipvslb run` under
     ipvslb.service would fail to create them (or, under /tmp, hide them in its private /tmp)."""
     lines = []
-    for key in ("state_dir", "status_socket"):
-        path = os.path.normpath(getattr(cfg.settings, key))
+    # An unset control_socket lies beside status_socket, whose warning covers it.
+    paths = {"state_dir": cfg.settings.state_dir, "status_socket": cfg.settings.status_socket,
+             "control_socket": cfg.settings.control_socket}
+    for key, path in paths.items():
+        if path is None:
+            continue
+        path = os.path.normpath(path)
         if not any(path == top or path.startswith(top + "/") for top in UNIT_WRITABLE):
             lines.append(f"{source}: settings.{key}: warning: not writable under the packaged ipvslb.service: "
                          f"got {_repr.repr(path)}, expected a path below {' or '.join(UNIT_WRITABLE)} "
@@ -494,8 +499,10 @@ def _interface_name() -> _Field:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _absolute_path(max_bytes: int | None = None) -> _Field:
-    def convert(value: Any) -> str:
+def _absolute_path(max_bytes: int | None = None, nullable: bool = False) -> _Field:
+    def convert(value: Any) -> str | None:
+        if value is None and nullable:
+            return None
         text = _text(value)
         if not text.startswith("/") or "\0" in text:
             raise _Invalid("not an absolute path")
@@ -505,7 +512,7 @@ def _absolute_path(max_bytes: int | None = None) -> _Field:
             raise _Invalid("path too long")
         return text
     limit = f" of at most {max_bytes} bytes" if max_bytes else ""
-    return _scalar(f"an absolute path{limit}", convert)
+    return _scalar(f"an absolute path{limit}{', or null' if nullable else ''}", convert)
 
 
 def _raw(expected: str) -> _Field:
@@ -655,6 +662,7 @@ _SETTINGS = {
     "state_dir": _absolute_path(),
     # sun_path holds 108 bytes including the terminating NUL.
     "status_socket": _absolute_path(max_bytes=107),
+    "control_socket": _absolute_path(max_bytes=107, nullable=True),
     "metrics_address": _metrics_address(),
     "log_level": _choice(LOG_LEVELS),
     "nice": _integer(-20, 19, nullable=True),

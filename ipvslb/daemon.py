@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ipvslb import (__version__, actions, config, conntrack, health, metrics, probe, status, systemd,
                     udpwatch)
-from ipvslb import statedir
+from ipvslb import control, statedir
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Config, Service, format_endpoint
@@ -103,8 +103,10 @@ class Daemon:
             if spec is None:
                 continue
             weights = {(d.spec.address, d.spec.port): d.spec.weight for d in self.manager.ipvs.dests(spec)}
+            # A drained backend's 0 is the operator's, not a quarantine to resume.
             observed[svc.key] = {b.key: weights[(b.address.packed, b.port)] for b in svc.backends
-                                 if (b.address.packed, b.port) in weights}
+                                 if (b.address.packed, b.port) in weights
+                                 and (svc.key, b.key) not in self.manager.drains}
         return observed
 
     def _start_health(self, now: float) -> None:
@@ -454,7 +456,13 @@ class Daemon:
             row["weight_history"] = list(history.get((svc.service.key, keys.get(row["endpoint"])), ()))
             if hist := self.connect_times.get((svc.service.key, keys.get(row["endpoint"]))):
                 row["connect_seconds"] = hist.snapshot()
+            if (svc.service.key, keys.get(row["endpoint"])) in self.manager.drains:
+                row["drained"], row["weight"] = True, 0   # health's state goes on; IPVS has 0
         return doc
+
+    def _control(self, data: bytes) -> dict:
+        """A request on the control socket (ipvslb.control), answered."""
+        return control.execute(control.parse(data, self.cfg.services), self.manager)
 
     def _status_line(self) -> str:
         out = sum(1 for svc in self.health.values() for w in svc.weights().values() if w == 0)
@@ -505,9 +513,16 @@ class Daemon:
         except OSError as err:
             raise StartupError(f"status socket {self.cfg.settings.status_socket}: {err.strerror or err}") from err
         try:
+            control_server = await control.serve(self.cfg.settings.control_path(), self._control)
+        except (status.SocketPathTaken, OSError) as err:
+            server.close()
+            raise StartupError(str(err) if isinstance(err, status.SocketPathTaken) else
+                               f"control socket {self.cfg.settings.control_path()}: {err.strerror or err}") from err
+        try:
             self._start_metrics(loop)
         except OSError as err:
             server.close()
+            control_server.close()
             raise StartupError(f"cannot listen on settings.metrics_address {self.cfg.settings.metrics_address}: "
                                f"{err.strerror or err}") from err
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -542,6 +557,7 @@ class Daemon:
             if self._drain_handle is not None:
                 self._drain_handle.cancel()
             server.close()
+            control_server.close()
             self.tracer.close()
             self.rescuer.close()
             self.manager.close()

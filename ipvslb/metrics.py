@@ -60,6 +60,8 @@ class SnapshotCollector(Collector):
         weight = GaugeMetricFamily("ipvslb_backend_weight", "Weight currently set in IPVS.", labels=labels)
         configured = GaugeMetricFamily("ipvslb_backend_configured_weight", "Weight from the configuration.",
                                        labels=labels)
+        drained = GaugeMetricFamily("ipvslb_backend_drained", "1 while an operator has the backend drained "
+                                    "(`ipvslb drain`): weight 0 whatever its health.", labels=labels)
         failures = CounterMetricFamily("ipvslb_backend_failures", "Failure evidence by class.",
                                        labels=[*labels, "class"])
         probes = CounterMetricFamily("ipvslb_backend_probes", "Direct probes by result.", labels=[*labels, "result"])
@@ -76,13 +78,14 @@ class SnapshotCollector(Collector):
                     state.add_metric([*lv, s], float(b["state"] == s))
                 weight.add_metric(lv, b["weight"])
                 configured.add_metric(lv, b["configured_weight"])
+                drained.add_metric(lv, float(bool(b.get("drained"))))
                 for cls in FAILURE_CLASSES:
                     failures.add_metric([*lv, cls], c.get(f"{cls}_failures", 0))
                 for result in PROBE_RESULTS:
                     probes.add_metric([*lv, result], c.get(f"probes_{result}", 0))
                 for key, family in counters.items():
                     family.add_metric(lv, c.get(key, 0))
-        yield from (state, weight, configured, failures, probes, *counters.values(), frozen)
+        yield from (state, weight, configured, drained, failures, probes, *counters.values(), frozen)
         yield _connect_seconds(doc)
 
         build = GaugeMetricFamily("ipvslb_build_info", "1, labelled with the running daemon's version.",

@@ -128,6 +128,8 @@ class Settings:
     manage_vips: bool = True
     state_dir: str = "/var/lib/ipvslb"
     status_socket: str = "/run/ipvslb/status.sock"
+    # The root-only socket `ipvslb drain` talks to; None: control.sock beside status_socket.
+    control_socket: str | None = None
     metrics_address: str = "127.0.0.1:9742"
     log_level: str = "info"
     # The daemon's nice value once its tracer is loaded: its reaction to evidence waits for a
@@ -139,6 +141,12 @@ class Settings:
     ipvs_verify_interval: float = 30.0
     sysctls: Sysctls = field(default_factory=Sysctls)
     tracer: TracerSettings = field(default_factory=TracerSettings)
+
+    def control_path(self) -> str:
+        """The control socket's path: control_socket, or control.sock in status_socket's directory."""
+        if self.control_socket is not None:
+            return self.control_socket
+        return self.status_socket.rsplit("/", 1)[0] + "/control.sock"
 
 
 @dataclass(frozen=True)

@@ -148,14 +148,15 @@ def _unwritable(directory: str, mode: int) -> str | None:
     return None
 
 
-def status_socket(path: str) -> str | None:
+def status_socket(path: str, setting: str = "status_socket") -> str | None:
+    """Also the control socket's check (`setting` control_socket)."""
     from ipvslb import status
 
     parent = os.path.dirname(path)
     if (err := _unwritable(parent, 0o755)) is not None:
-        return (f"status socket {path}: directory {parent} is not writable ({err}): set "
-                "settings.status_socket to a writable place (the packaged unit lets the daemon write /run/ipvslb)")
-    return status.path_problem(path)
+        return (f"{setting.replace('_', ' ')} {path}: directory {parent} is not writable ({err}): set "
+                f"settings.{setting} to a writable place (the packaged unit lets the daemon write /run/ipvslb)")
+    return status.path_problem(path, setting)
 
 
 def metrics_address(address: str) -> str | None:
@@ -179,6 +180,7 @@ def metrics_address(address: str) -> str | None:
 def settings_problem(settings) -> str | None:
     """The first problem with what the configuration's settings name, or None."""
     for problem in (state_dir(settings.state_dir), status_socket(settings.status_socket),
+                    status_socket(settings.control_path(), "control_socket"),
                     metrics_address(settings.metrics_address)):
         if problem:
             return problem

@@ -4,8 +4,11 @@ other's ownership record. The kernel drops the lock when the process ends, howev
 ends (kill -9 too), so a stale file never blocks a restart."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import tempfile
 from pathlib import Path
 
 FILENAME = "lock"
@@ -42,3 +45,28 @@ class StateLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def write_json(path: Path, doc: object) -> None:
+    """`doc` at `path`, atomically and durably: a temporary name of its own (never one
+    another writer shares), the data on disk before the rename, the rename on disk before
+    the caller goes on (a crash leaves the old file or the new one, never a mix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with open(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

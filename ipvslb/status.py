@@ -16,47 +16,40 @@ MAX_ANSWER_BYTES = 64 << 20
 
 
 class SocketPathTaken(Exception):
-    """Something other than a stale ipvslb socket is at the status socket path."""
+    """Something other than a stale ipvslb socket is at the socket's path."""
 
 
 class StatusError(ValueError):
     """The answer on the status socket is not a status document."""
 
 
-def path_problem(path: str) -> str | None:
-    """Why the status server could not take `path`, or None. Only a socket nobody answers
-    on (left by a daemon that died) may be replaced: a regular file there is someone's data,
-    and a socket that answers belongs to a running daemon."""
+def path_problem(path: str, setting: str = "status_socket") -> str | None:
+    """Why the server of `settings.<setting>` could not take `path`, or None. Only a socket
+    nobody answers on (left by a daemon that died) may be replaced: a regular file there is
+    someone's data, and a socket that answers belongs to a running daemon."""
+    what = setting.replace("_", " ")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return None
     except OSError as err:
-        return f"status socket {path}: {err.strerror or err}"
+        return f"{what} {path}: {err.strerror or err}"
     if not stat.S_ISSOCK(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "a file"
-        return (f"status socket {path}: {kind} that is not a socket is at that path; "
-                "remove it or set settings.status_socket to another path")
+        return (f"{what} {path}: {kind} that is not a socket is at that path; "
+                f"remove it or set settings.{setting} to another path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
         except OSError:
             return None  # stale: nobody listens
-    return (f"status socket {path}: another process answers on it (a second `ipvslb run`?); "
-            "stop it or set settings.status_socket to another path")
+    return (f"{what} {path}: another process answers on it (a second `ipvslb run`?); "
+            f"stop it or set settings.{setting} to another path")
 
 
 async def serve(path: str, snapshot: Callable[[], dict]) -> asyncio.AbstractServer:
     """Raises SocketPathTaken (see path_problem) or OSError when the path cannot be used."""
-    sock_path = Path(path)
-    sock_path.parent.mkdir(parents=True, exist_ok=True)
-    problem = path_problem(path)
-    if problem:
-        raise SocketPathTaken(problem)
-    if sock_path.is_socket():
-        sock_path.unlink()
-
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             writer.write(json.dumps(snapshot(), default=str).encode() + b"\n")
@@ -64,10 +57,23 @@ async def serve(path: str, snapshot: Callable[[], dict]) -> asyncio.AbstractServ
         finally:
             writer.close()
 
+    return await listen(path, answer)
+
+
+async def listen(path: str, handler: Callable, setting: str = "status_socket") -> asyncio.AbstractServer:
+    """A unix socket server at `path` that only its owner (root) can connect to; the
+    status and the control socket's. SocketPathTaken or OSError when the path cannot be used."""
+    sock_path = Path(path)
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    problem = path_problem(path, setting)
+    if problem:
+        raise SocketPathTaken(problem)
+    if sock_path.is_socket():
+        sock_path.unlink()
     # umask rather than chmod after bind: no window in which others could connect.
     old = os.umask(0o177)
     try:
-        return await asyncio.start_unix_server(answer, path=str(sock_path))
+        return await asyncio.start_unix_server(handler, path=str(sock_path))
     finally:
         os.umask(old)
 
@@ -132,7 +138,9 @@ def _render(doc: dict) -> str:
         rows = [header]
         for b in svc.get("backends", []):
             c = b.get("counters", {})
-            rows.append((b["endpoint"], b["state"], f"{b['weight']}/{b['configured_weight']}",
+            # Drained: health's state goes on, IPVS has weight 0 until `ipvslb undrain`.
+            state = f"{b['state']} (drained)" if b.get("drained") else b["state"]
+            rows.append((b["endpoint"], state, f"{b['weight']}/{b['configured_weight']}",
                          _ago(b.get("since"), now), str(c.get("successes", 0)), str(c.get("hard_failures", 0)),
                          str(c.get("soft_failures", 0)), str(c.get("quarantines", 0)),
                          b.get("last_evidence") or "-"))

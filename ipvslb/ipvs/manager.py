@@ -9,7 +9,10 @@ configured service) replaces it at the first apply, when it is older than
 `ipvs_verify_interval`, after any error, and on request. `set_weight` is the health
 layer's handle (`hold_weight` the same without a write, for the next apply); a weight it
 lowered stays lowered across applies until it raises it back (or the backend leaves the
-configuration). Not thread-safe: the daemon calls both from its one loop.
+configuration). `drain` puts a backend at weight 0 over everything else until it is
+undrained: health's weights are still remembered, and apply writes them again once the
+drain ends. Drains are kept in the state directory (ipvslb.drains). Not thread-safe: the
+daemon calls all of these from its one loop.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ipvslb import model
+from ipvslb.drains import Drains
 from ipvslb.ipvs import reconcile, sysctls
 from ipvslb.ipvs.client import IPVS, Failure
 from ipvslb.ipvs.ownership import Ownership
@@ -57,6 +61,7 @@ class Manager:
         else:
             self.vips = None
         self.ownership = Ownership(settings.state_dir)
+        self.drains = Drains(settings.state_dir)
         sysctls.apply(settings.sysctls, sysctl_root)
         self._services: dict[model.ServiceKey, model.Service] = {}
         self._overrides: dict[tuple[model.ServiceKey, model.Endpoint], int] = {}
@@ -102,6 +107,8 @@ class Manager:
         if self._overrides:
             configured = {(s.key, b.key): b.weight for s in services for b in s.backends}
             self._overrides = {k: w for k, w in self._overrides.items() if w < configured.get(k, -1)}
+        if self.drains and not failures:
+            self._forget_drains(services)
         result = ApplyResult(ops, self.writes - writes_before, failures)
         if failures:
             raise ApplyError(result)
@@ -109,7 +116,7 @@ class Manager:
 
     def _desired(self, services: Sequence[model.Service]) -> list[tuple[ServiceSpec, list[DestSpec]]]:
         """Every service with its destinations at the weights to write."""
-        held = {service for service, _ in self._overrides}
+        held = {service for service, _ in self._overrides} | {service for service, _ in self.drains.drained}
         specs, desired = {}, []
         for svc in services:
             cached = self._specs.get(id(svc))
@@ -202,6 +209,9 @@ class Manager:
         if configured is None:
             raise KeyError(backend)
         self.hold_weight(service, backend, None if weight is None or weight >= configured.weight else weight)
+        return self._write_weight(svc, configured)
+
+    def _write_weight(self, svc: model.Service, configured: model.Backend) -> int:
         effective = self._weight(svc, configured)
         op = Op("edit-dest", service_spec(svc), dest_spec(svc, configured, effective))
         state, self._snapshot = self._snapshot, None
@@ -211,7 +221,38 @@ class Manager:
             self._snapshot = state
         return effective
 
+    def drain(self, service: model.ServiceKey, backend: model.Endpoint, drained: bool) -> int:
+        """Drain the backend (weight 0 until undrained) or undrain it (the weight health
+        wants), recorded in the state directory first, then written (one write). Returns
+        the weight written. KeyError when the service or backend is not configured,
+        OSError when the record or the write fails."""
+        svc = self._services[service]
+        configured = next((b for b in svc.backends if b.key == backend), None)
+        if configured is None:
+            raise KeyError(backend)
+        key = (service, backend)
+        self.drains.record(self.drains.drained | {key} if drained else self.drains.drained - {key})
+        return self._write_weight(svc, configured)
+
+    def _forget_drains(self, services: Sequence[model.Service]) -> None:
+        """Drains of backends that left the configuration end with them: one that came
+        back later would otherwise start drained, long after anyone remembered why."""
+        configured = {(s.key, b.key) for s in services for b in s.backends}
+        gone = self.drains.drained - configured
+        if not gone:
+            return
+        try:
+            self.drains.record(self.drains.drained & configured)
+        except OSError as err:
+            log.error("cannot update %s: %s", self.drains.path, err)
+            return
+        for (proto, vip, port), backend in sorted(gone, key=str):
+            log.warning("drain of %s in %s %s ended: the backend left the configuration",
+                        model.format_endpoint(backend), proto, model.format_endpoint((vip, port)))
+
     def _weight(self, service: model.Service, backend: model.Backend) -> int:
+        if self.drains and (service.key, backend.key) in self.drains:
+            return 0
         if not self._overrides:  # the common case; keys of addresses are slow to hash
             return backend.weight
         override = self._overrides.get((service.key, backend.key))

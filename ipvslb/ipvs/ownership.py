@@ -9,13 +9,13 @@ its own, fsync, rename, fsync of the directory).
 """
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from ipvslb import statedir
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +51,5 @@ class Ownership:
             "services": sorted([proto, str(ipaddress.ip_address(vip)), port] for proto, vip, port in services),
             "vips": sorted(str(ipaddress.ip_address(vip)) for vip in vips),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary name of its own (never one another writer shares), the data on disk
-        # before the rename, the rename on disk before the kernel changes.
-        fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=self.path.parent)
-        try:
-            with open(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        statedir.write_json(self.path, doc)
         self.services, self.vips = services, vips
