@@ -45,6 +45,8 @@ class ConnectHistory:
 
 @dataclass(eq=False)
 class BackendHealth:
+    """One backend as the engine sees it. `state` changes only through the transition table."""
+
     config: model.Backend
     state: State
     since: float

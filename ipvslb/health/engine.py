@@ -7,8 +7,9 @@ logs or draws randomness of its own: time is always passed in, jitter comes from
 injected `random.Random`. ../shared/design/health.md is the specification; the
 decisions it leaves open are listed at the end of this docstring.
 
-The states of a backend and every transition between them are one table in states.py;
-the guards are guards.py, the per-backend record backend.py, evidence and actions types.py.
+The states of a backend and every transition between them are one table (states.py);
+the engine changes a state only through it (`_move`). The guards are guards.py, the
+per-backend record backend.py, evidence and actions types.py.
 
 Time bases: events carry `t`, the kernel's CLOCK_MONOTONIC timestamp of the evidence; it
 dates connects (deadlines), successes and failures. `now` is the daemon's monotonic clock
@@ -821,6 +822,7 @@ class ServiceHealth:
     # -- construction and reload --
 
     def _initial_backend(self, cfg: model.Backend, now: float, observed: int | None) -> BackendHealth:
+        """A backend's first state: set here, not a transition (see states.py)."""
         s = self.settings
         b = BackendHealth(cfg, State.HEALTHY, now, cfg.weight, s.probe_backoff_initial, s.probe_backoff_initial)
         if cfg.weight == 0:
