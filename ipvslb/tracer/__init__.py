@@ -5,6 +5,6 @@ decodes ring-buffer records into events; `ringbuf` reads the ring buffer's memor
 `paircounts` reads the per-(VIP, backend) counters; `conntable` maps IPVS connections back
 to their backend when the program cannot see it.
 """
-from ipvslb.tracer.loader import Tracer, TracerUnavailable
+from ipvslb.tracer.loader import Tracer, TracerSettings, TracerUnavailable
 
-__all__ = ["Tracer", "TracerUnavailable"]
+__all__ = ["Tracer", "TracerSettings", "TracerUnavailable"]
