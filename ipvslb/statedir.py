@@ -18,7 +18,7 @@ class Locked(RuntimeError):
     """Another process holds the lock; the message names its PID."""
 
 
-def lock(state_dir: str | os.PathLike) -> "StateLock":
+def lock(state_dir: str | os.PathLike) -> StateLock:
     path = Path(state_dir) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
