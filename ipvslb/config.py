@@ -41,6 +41,8 @@ MAX_MESSAGES = 50
 MAX_NAME_CHARS = 64
 # A UDP probe is one datagram; 512 bytes fits any path without fragments.
 MAX_PROBE_BYTES = 512
+# Arguments of an exec probe's command.
+MAX_ARGV = 64
 # Characters of an integer literal; 64 bits take at most 67 ("-0b" and 64 digits). Longer
 # ones are refused before conversion, which is slow (or a ValueError) for thousands of digits.
 MAX_INTEGER_CHARS = 100
@@ -603,6 +605,52 @@ def _dns_name() -> _Field:
     return _scalar("a DNS name such as example.com or '.' (labels of letters, digits, '-' and '_')", convert)
 
 
+def _optional(field: _Field) -> _Field:
+    """`field`, or null."""
+    def check(value: Any, path: str, report: _Report) -> Any:
+        return None if value is None else field.check(value, path, report)
+    return _Field(check, f"{field.expected}, or null")
+
+
+def _list_of(item: _Field, *, most: int, nullable: bool = False) -> _Field:
+    """A non-empty list of `item`s, as a tuple."""
+    expected = f"a list of 1 to {most} of: {item.expected}" + (", or null" if nullable else "")
+
+    def check(value: Any, path: str, report: _Report) -> Any:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, list) or not value or len(value) > most:
+            problem = "not a list" if not isinstance(value, list) else "empty" if not value else "too long"
+            report.error(path, problem, expected, value)
+            return _INVALID
+        items = [item.check(v, f"{path}[{i}]", report) for i, v in enumerate(value)]
+        return _INVALID if _INVALID in items else tuple(items)
+    return _Field(check, expected)
+
+
+def _pattern(expected: str, regex: str, problem: str, max_chars: int) -> _Field:
+    def convert(value: Any) -> str:
+        text = _text(value)
+        if len(text) > max_chars or not re.fullmatch(regex, text):
+            raise _Invalid(problem)
+        return text
+    return _scalar(expected, convert)
+
+
+def _argv() -> _Field:
+    argument = _pattern("a string without NUL", r"[^\0]*", "NUL in argument", 4096)
+    argv = _list_of(argument, most=MAX_ARGV)
+
+    def check(value: Any, path: str, report: _Report) -> Any:
+        args = argv.check(value, path, report)
+        if args is not _INVALID and not args[0].startswith("/"):
+            report.error(f"{path}[0]", "not an absolute path", "the program as an absolute path (no shell, "
+                         "no PATH search)", args[0])
+            return _INVALID
+        return args
+    return _Field(check, f"a list of 1 to {MAX_ARGV} strings, the first an absolute path")
+
+
 def _backoff_in_order(health: dict[str, Any], path: str, report: _Report) -> bool:
     initial, maximum = health.get("probe_backoff_initial"), health.get("probe_backoff_max")
     if initial is None or maximum is None or maximum >= initial:
@@ -669,6 +717,11 @@ _SETTINGS = {
     # At least a second: the daemon reads all of IPVS back this often, which takes
     # about as long as `ipvsadm -Sn` listing the same table.
     "ipvs_verify_interval": _verify_interval(),
+    "notify_command": _optional(_argv()),
+    "notify_timeout": _duration(),
+    # Each hook is a process (and a thread of asyncio's that waits for it): the packaged
+    # unit's TasksMax=64 leaves room for this many.
+    "notify_concurrency": _integer(1, 16),
     "sysctls": _section(model.Sysctls, _SYSCTLS),
     "tracer": _section(model.TracerSettings, _TRACER),
 }

@@ -22,6 +22,12 @@ PROBE_RESULTS = ("ok", "failed")
 RELOAD_OUTCOMES = ("ok", "failed")
 # The daemon's long-lived tasks (ipvslb.daemon, Daemon._internal_error).
 INTERNAL_TASKS = ("tick", "evidence", "probe", "verify", "udp_watch", "reload", "status", "metrics")
+NOTIFY_COUNTERS = {
+    "failures": "Notify hooks (settings.notify_command) that exited non-zero, could not be started or were "
+                "killed at their timeout.",
+    "dropped": "Health transitions whose notify hook never ran: dropped from a full backlog, or still "
+               "waiting at shutdown.",
+}
 # Upper bounds in seconds: from a backend on the same link (100 us) to one whose SYN-ACK
 # needed a retransmitted SYN (1 s and more).
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -104,6 +110,11 @@ class SnapshotCollector(Collector):
         for task in INTERNAL_TASKS:
             internal.add_metric([task], doc.get("internal_errors", {}).get(task, 0))
         yield internal
+        notify = doc.get("notify", {})  # ipvslb.notify.Notifier.counters()
+        for key, text in NOTIFY_COUNTERS.items():
+            family = CounterMetricFamily(f"ipvslb_notify_{key}", text)
+            family.add_metric([], notify.get(key, 0))
+            yield family
         if doc.get("last_reload_success") is not None:
             last = GaugeMetricFamily("ipvslb_last_reload_success_timestamp_seconds",
                                      "Unix time the configuration in force was loaded (start or reload).")

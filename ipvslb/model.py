@@ -139,6 +139,13 @@ class Settings:
     # Seconds the IPVS manager trusts its record of what it wrote before reading the
     # kernel back in full; the daemon verifies this often, repairing others' changes.
     ipvs_verify_interval: float = 30.0
+    # The operator's command (an argv, no shell) run on each backend health transition,
+    # the transition in its environment (ipvslb.notify); None: none.
+    notify_command: tuple[str, ...] | None = None
+    # Seconds a hook may run before it is killed.
+    notify_timeout: float = 10.0
+    # Hooks running at once; later transitions wait (a bounded backlog).
+    notify_concurrency: int = 4
     sysctls: Sysctls = field(default_factory=Sysctls)
     tracer: TracerSettings = field(default_factory=TracerSettings)
 

@@ -279,3 +279,21 @@ def test_close_ends_a_slow_hook_at_its_timeout(tmp_path):
 def test_transition_needs_the_running_loop():
     with pytest.raises(RuntimeError):
         Notifier(("/bin/true",), timeout=1, limit=1).transition(note())
+
+
+def test_the_counters_are_exported_as_metrics(tmp_path):
+    from prometheus_client import generate_latest
+
+    from ipvslb import metrics
+
+    async def main():
+        n = Notifier((str(tmp_path / "absent"),), timeout=5, limit=1, backlog=0)
+        n.transition(note(1))
+        n.transition(note(2))  # no slot, no backlog: dropped
+        await settle(n)
+        return n
+
+    n = asyncio.run(main())
+    text = generate_latest(metrics.registry_for(lambda: {"notify": n.counters()})).decode()
+    assert "ipvslb_notify_failures_total 1.0" in text
+    assert "ipvslb_notify_dropped_total 1.0" in text
