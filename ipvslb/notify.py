@@ -130,7 +130,9 @@ class Notifier:
             log.exception("notify hook for %s %s: internal error", note.service, note.backend)
 
     async def _run_hook(self, note: TransitionNote) -> None:
-        what = f"notify hook {self.argv[0]} for {note.service} {note.backend} ({note.old} -> {note.new})"
+        argv = self.argv
+        assert argv is not None  # transition() queues nothing without a command
+        what = f"notify hook {argv[0]} for {note.service} {note.backend} ({note.old} -> {note.new})"
         loop = asyncio.get_running_loop()
         # stderr through a pipe of our own, not asyncio's: a child the hook leaves behind may
         # hold it open, and asyncio's Process.wait() waits for its pipes as well as the exit.
@@ -145,17 +147,17 @@ class Notifier:
                 # A session of its own: at the timeout the whole group is killed, so that a
                 # script's children die with it.
                 proc = await asyncio.create_subprocess_exec(
-                    *self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end,
+                    *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end,
                     env={**os.environ, **note.environment()}, start_new_session=True)
-            except OSError as err:
+            except (OSError, ValueError) as err:  # ValueError: a NUL in an argument
                 self.failures += 1
-                log.error("%s: cannot run: %s", what, err.strerror or err)
+                log.error("%s: cannot run: %s", what, getattr(err, "strerror", None) or err)
                 return
             finally:
                 os.close(write_end)
             try:
                 async with asyncio.timeout(self.timeout):
-                    await proc.wait()
+                    code = await proc.wait()
             except TimeoutError:
                 self.failures += 1
                 _kill_group(proc.pid)
@@ -173,11 +175,10 @@ class Notifier:
         finally:
             reader.cancel()
             pipe.close()
-        if proc.returncode != 0:
+        if code != 0:
             self.failures += 1
             first = kept.decode("utf-8", "replace").strip().splitlines()[:1]
-            status = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
-                      else f"exit status {proc.returncode}")
+            status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             log.error("%s: %s%s", what, status, f": {first[0]}" if first else "")
 
 

@@ -60,7 +60,7 @@ pass "InRelease verified with the signed-by key"
 step apt-install
 started=$(date +%s)
 apt-get install -y -q ipvslb > /tmp/apt-install.log 2>&1 || { tail -30 /tmp/apt-install.log; fail "apt-get install ipvslb"; }
-for p in python3-bpfcc python3-pyroute2 python3-yaml python3-prometheus-client ipvsadm; do
+for p in python3-bpfcc python3-pyroute2 python3-yaml python3-prometheus-client python3-systemd ipvsadm; do
   dpkg-query -W -f='${Status}' "$p" | grep -q "ok installed" || fail "$p was not installed"
 done
 grep -q "^Setting up ipvslb " /tmp/apt-install.log || fail "ipvslb not set up"
