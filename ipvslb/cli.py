@@ -129,7 +129,8 @@ def _drain(args: argparse.Namespace) -> int:
         print(f"ipvslb: cannot reach the daemon's control socket {path}: {err.strerror or err}. "
               "Is `ipvslb run` running?", file=sys.stderr)
         return 1
-    print(f"{answer['service']} {answer['backend']}: {'drained' if answer['drained'] else 'undrained'}, "
+    done = "drained" if answer["drained"] else "undrained"
+    print(f"{answer['service']} {answer['backend']}: {done if answer.get('changed') else 'already ' + done}, "
           f"weight {answer.get('weight', '?')}, {answer.get('active_connections', '?')} active connections",
           flush=True)
     if not wait:

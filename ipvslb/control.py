@@ -5,12 +5,12 @@ One request per connection: one line of JSON in, one line of JSON out, then the 
 closes the connection.
 
     {"command": "drain" | "undrain" | "drained", "service": NAME, "backend": "ADDR:PORT"}
-    -> {"ok": true, "service": NAME, "backend": "ADDR:PORT", "drained": BOOL, "weight": N,
-        "active_connections": N, "inactive_connections": N}
+    -> {"ok": true, "service": NAME, "backend": "ADDR:PORT", "drained": BOOL, "changed": BOOL,
+        "weight": N, "active_connections": N, "inactive_connections": N}
     -> {"ok": false, "error": "what was wrong"}
 
-`drain` and `undrain` answer with the state after the change, `drained` with the state
-now (the connection counts are IPVS's). BACKEND may be a bare address when only one of the
+`drain` and `undrain` answer with the state after the change (`changed` false: it was so
+already), `drained` with the state now (the connection counts are IPVS's). BACKEND may be a bare address when only one of the
 service's backends has it; IPv6 is written [ADDR]:PORT. A request longer than
 MAX_REQUEST_BYTES, one that is not complete within READ_TIMEOUT seconds, or one that is not
 such a JSON object gets an error answer; nothing a client sends reaches the daemon's state
@@ -87,6 +87,7 @@ def parse(data: bytes, services: Sequence[Service]) -> Request:
 def execute(req: Request, manager) -> dict:
     """Carry out a parsed request on the IPVS manager (ipvslb.ipvs.Manager); the answer."""
     key = (req.service.key, req.backend)
+    before = key in manager.drains
     if req.command != "drained":
         try:
             manager.drain(req.service.key, req.backend, req.command == "drain")
@@ -96,7 +97,7 @@ def execute(req: Request, manager) -> dict:
         log.warning("%s %s: %s by request on the control socket", req.service.name, format_endpoint(req.backend),
                     "drained" if req.command == "drain" else "undrained")
     answer = {"ok": True, "service": req.service.name, "backend": format_endpoint(req.backend),
-              "drained": key in manager.drains}
+              "drained": key in manager.drains, "changed": (key in manager.drains) != before}
     try:
         dests = manager.ipvs.dests(service_spec(req.service), stats=True)
     except OSError as err:

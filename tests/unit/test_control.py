@@ -88,10 +88,11 @@ def test_execute_drains_and_answers_with_ipvs_counters():
     manager = FakeManager()
     answer = control.execute(control.parse(request(), SERVICES), manager)
     assert manager.calls == [(WEB.key, (ip("10.77.2.2"), 8080), True)]
-    assert answer == {"ok": True, "service": "web", "backend": "10.77.2.2:8080", "drained": True, "weight": 0,
-                      "active_connections": 3, "inactive_connections": 1}
+    assert answer == {"ok": True, "service": "web", "backend": "10.77.2.2:8080", "drained": True, "changed": True,
+                      "weight": 0, "active_connections": 3, "inactive_connections": 1}
     answer = control.execute(control.parse(request("drained"), SERVICES), manager)
-    assert answer["drained"] is True and len(manager.calls) == 1
+    assert answer["drained"] is True and answer["changed"] is False and len(manager.calls) == 1
+    assert control.execute(control.parse(request(), SERVICES), manager)["changed"] is False
     answer = control.execute(control.parse(request("undrain"), SERVICES), manager)
     assert answer["drained"] is False and answer["weight"] == 5
 
@@ -287,6 +288,8 @@ def test_drain_and_undrain_commands(server, manager, capsys):
     assert capsys.readouterr().out == "web 10.77.2.2:8080: drained, weight 0, 3 active connections\n"
     assert cli.main(["undrain", "web", "10.77.2.2:8080", "--socket", server.path]) == 0
     assert "web 10.77.2.2:8080: undrained, weight 5" in capsys.readouterr().out
+    assert cli.main(["undrain", "web", "10.77.2.2:8080", "--socket", server.path]) == 0
+    assert "web 10.77.2.2:8080: already undrained, weight 5" in capsys.readouterr().out
     assert manager.drains == set()
 
 
