@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipvslb.drains import Drains
+from tests.unit.test_daemon_faults import place  # noqa: F401
 from tests.unit.test_ipvs_manager import B, DNS, WEB, FakeVips, sysctl_root, weights, world  # noqa: F401
 
 HEAVY = dataclasses.replace(B[2], weight=5)
@@ -131,3 +132,52 @@ def test_the_drained_metric():
     values = {tuple(s.labels.values()): s.value for family in metrics.SnapshotCollector(lambda: doc).collect()
               if family.name == "ipvslb_backend_drained" for s in family.samples}
     assert values == {("web", "10.77.2.2:8080"): 1.0, ("web", "10.77.1.2:8080"): 0.0}
+
+
+def test_the_control_socket_setting():
+    from ipvslb import config
+
+    service = "services: []\n"
+    assert config.parse(service).settings.control_path() == "/run/ipvslb/control.sock"
+    moved = config.parse("settings: {status_socket: /run/lb/s.sock}\n" + service).settings
+    assert moved.control_socket is None and moved.control_path() == "/run/lb/control.sock"
+    assert config.parse("settings: {control_socket: /run/lb/c.sock}\n" + service).settings.control_path() \
+        == "/run/lb/c.sock"
+    assert config.parse("settings: {control_socket: null}\n" + service).settings.control_socket is None
+    with pytest.raises(config.ConfigError) as err:
+        config.parse("settings: {control_socket: c.sock}\n" + service)
+    assert "settings.control_socket: not an absolute path: got 'c.sock'" in err.value.messages[0]
+    warned = config.unit_warnings(config.parse("settings: {control_socket: /tmp/c.sock}\n" + service))
+    assert [line.split(": ")[1] for line in warned] == ["settings.control_socket"]
+
+
+def test_the_daemon_serves_drains_shows_them_and_keeps_them_across_restart_and_reload(place, caplog):
+    from tests.unit.test_daemon_faults import WEB as WEB_YAML, make, started
+
+    def request(d, command, backend="10.77.0.2:80"):
+        return d._control(json.dumps({"command": command, "service": "web", "backend": backend}).encode())
+
+    d, kernel, tracer = make(place, WEB_YAML)
+    started(d)
+    answer = request(d, "drain")
+    assert answer["ok"] and answer["drained"] and answer["weight"] == 0
+    rows = {r["endpoint"]: r for r in d.snapshot()["services"][0]["backends"]}
+    assert rows["10.77.0.2:80"]["drained"] is True and rows["10.77.0.2:80"]["weight"] == 0
+    assert rows["10.77.0.2:80"]["state"] == "healthy" and "drained" not in rows["10.77.0.1:80"]
+    with pytest.raises(Exception, match='no service "db"'):
+        d._control(json.dumps({"command": "drain", "service": "db", "backend": "10.77.0.2:80"}).encode())
+
+    # A restart over the same state directory and kernel: still drained, and health does
+    # not take the kernel's 0 for a quarantine to resume.
+    again, _, _ = make(place, WEB_YAML)
+    again._manager_factory = d._manager_factory
+    started(again)
+    rows = {r["endpoint"]: r for r in again.snapshot()["services"][0]["backends"]}
+    assert rows["10.77.0.2:80"]["drained"] is True and rows["10.77.0.2:80"]["state"] == "healthy"
+    assert again.manager.apply(again.cfg.services, verify=True).writes == 0
+
+    # A reload that keeps the backend keeps the drain; undrain gives the configured weight back.
+    again.reload()
+    assert request(again, "drained")["drained"] is True
+    answer = request(again, "undrain")
+    assert answer["drained"] is False and answer["weight"] == 1 and answer["changed"] is True
