@@ -32,6 +32,44 @@ SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq"
 SCHEDULER_FLAGS = ("flag-1", "flag-2", "flag-3", "sh-fallback", "sh-port", "mh-fallback", "mh-port")
 
 
+ProbeType = Literal["tcp", "udp", "http", "https", "tls", "dns", "exec"]
+PROBE_TYPES: tuple[str, ...] = ("tcp", "udp", "http", "https", "tls", "dns", "exec")
+# DNS query types and response codes a `dns` probe names (RFC 1035, 3596, 2782).
+DNS_TYPES: dict[str, int] = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16,
+                             "AAAA": 28, "SRV": 33}
+DNS_RCODES: dict[str, int] = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4,
+                              "REFUSED": 5}
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How a probe asks a backend whether it serves (`health.probe`, docs/configuration.md).
+    Keys of other types than `type` keep their defaults (config refuses them)."""
+
+    # None: the service's protocol (a TCP connect, or the UDP request of udp_probe_payload).
+    type: ProbeType | None = None
+    # Seconds; None: the health engine's probe timeout (the adaptive connect deadline).
+    timeout: float | None = None
+    # http, https
+    method: str = "GET"
+    path: str = "/"
+    # None: any status from 200 to 399.
+    expect_status: tuple[int, ...] | None = None
+    # None: the backend's address (and port).
+    host: str | None = None
+    # https, tls
+    server_name: str | None = None  # None: `host`, else the backend's address
+    verify: bool = True
+    ca_file: str | None = None      # None: the system's trusted CAs
+    # dns
+    query_name: str = "."
+    query_type: str = "NS"
+    transport: Literal["udp", "tcp"] = "udp"
+    expect_rcodes: tuple[str, ...] = ("NOERROR",)
+    # exec: argv[0] an absolute path, run without a shell.
+    command: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class HealthSettings:
     """Passive health and re-admission; see ../shared/design/health.md for the reasoning."""
@@ -63,6 +101,10 @@ class HealthSettings:
     udp_probe_expect: str | None = None
     # The name whose NS records a DNS probe asks for (services on port 53).
     dns_probe_name: str = "."
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    # Seconds between background checks of every backend with `probe`; None: none, the
+    # probe only confirms evidence and re-admits.
+    active_interval: float | None = None
 
 
 @dataclass(frozen=True)

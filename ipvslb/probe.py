@@ -36,6 +36,10 @@ def failure(err: OSError, elapsed: float, *, immediate: bool) -> ProbeOutcome:
                         refused=err.errno == errno.ECONNREFUSED)
 
 
+# SO_LINGER on with a linger time of 0: close() sends RST and leaves no TIME_WAIT.
+RESET_ON_CLOSE = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
 def _family(address: IPAddress) -> int:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
@@ -50,15 +54,20 @@ class TcpProbe:
     def __init__(self, address: IPAddress, port: int):
         self.started = time.monotonic()
         self.sock = socket.socket(_family(address), socket.SOCK_STREAM)
-        self.sock.setblocking(False)
         self.outcome: ProbeOutcome | None = None
-        err = self.sock.connect_ex((str(address), port))
-        if err == 0:
-            self._done(True, "connected")
-        elif err != errno.EINPROGRESS:
-            self.outcome = failure(OSError(err, os.strerror(err)), time.monotonic() - self.started, immediate=True)
-        else:
-            self._check()
+        try:
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((str(address), port))
+            if err == 0:
+                self._done(True, "connected")
+            elif err != errno.EINPROGRESS:
+                self.outcome = failure(OSError(err, os.strerror(err)), time.monotonic() - self.started,
+                                       immediate=True)
+            else:
+                self._check()
+        except BaseException:
+            self.sock.close()  # the caller gets no object to close
+            raise
 
     def _done(self, ok: bool, detail: str) -> None:
         self.outcome = ProbeOutcome(ok, detail, time.monotonic() - self.started)
@@ -76,29 +85,36 @@ class TcpProbe:
 
     async def result(self, timeout: float) -> ProbeOutcome:
         try:
-            if self.outcome is None:
-                loop = asyncio.get_running_loop()
-                writable = loop.create_future()
-                loop.add_writer(self.sock, lambda: writable.done() or writable.set_result(None))
-                try:
-                    async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - self.started))):
-                        await writable
-                except TimeoutError:
-                    self._done(False, f"no answer within {timeout * 1000:.0f} ms")
-                finally:
-                    loop.remove_writer(self.sock)
-                if self.outcome is None:
-                    self._check()
-            return self.outcome or ProbeOutcome(False, "no answer", time.monotonic() - self.started)
+            return await self.connected(timeout)
         finally:
             self.close()
+
+    async def connected(self, timeout: float) -> ProbeOutcome:
+        """The handshake's outcome, leaving the socket open: a probe that goes on to talk
+        to the backend over it (ipvslb.probes) closes it."""
+        if self.outcome is None:
+            loop = asyncio.get_running_loop()
+            writable = loop.create_future()
+            loop.add_writer(self.sock, lambda: writable.done() or writable.set_result(None))
+            try:
+                async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - self.started))):
+                    await writable
+            except TimeoutError:
+                self._done(False, f"no answer within {timeout * 1000:.0f} ms")
+            finally:
+                loop.remove_writer(self.sock)
+            if self.outcome is None:
+                self._check()
+        return self.outcome or ProbeOutcome(False, "no answer", time.monotonic() - self.started)
 
     def close(self) -> None:
         """Release the socket; a connected one with RST (linger 0), so it keeps no TIME_WAIT.
         Enough on its own once `outcome` is set at construction: there is nothing to wait for."""
-        if self.outcome is not None and self.outcome.ok:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        self.sock.close()
+        try:
+            if self.outcome is not None and self.outcome.ok and self.sock.fileno() != -1:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        finally:
+            self.sock.close()
 
 
 async def probe_tcp(address: IPAddress, port: int, timeout: float) -> ProbeOutcome:
@@ -113,8 +129,8 @@ async def probe_udp(address: IPAddress, port: int, timeout: float,
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     sock = socket.socket(_family(address), socket.SOCK_DGRAM)
-    sock.setblocking(False)
     try:
+        sock.setblocking(False)
         try:
             sock.connect((str(address), port))
             sock.send(request.payload)

@@ -29,24 +29,31 @@ class UdpRequest:
     what: str  # for the probe's detail: "DNS reply", "reply"
 
 
-def dns_query(name: str, ident: int) -> bytes:
-    """A standard query, recursion desired, for the NS records of `name` ("." is the root)."""
+def dns_query(name: str, ident: int, qtype: int = _TYPE_NS) -> bytes:
+    """A standard query, recursion desired, for the `qtype` (default NS) records of `name`
+    ("." is the root)."""
     labels = [label for label in name.rstrip(".").split(".") if label]
     qname = b"".join(bytes([len(label)]) + label.encode("ascii") for label in labels) + b"\0"
-    return _HEADER.pack(ident, _FLAG_RD, 1, 0, 0, 0) + qname + struct.pack("!HH", _TYPE_NS, _CLASS_IN)
+    return _HEADER.pack(ident, _FLAG_RD, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, _CLASS_IN)
 
 
-def dns_verdict(ident: int, reply: bytes) -> str | None:
-    """A reply to our query passes unless it is SERVFAIL (the server could not answer): an
-    authoritative server REFUSED to answer for a zone it does not serve is still serving."""
+def dns_rcode(ident: int, reply: bytes) -> int | str:
+    """The response code of a reply to our query, or why `reply` is not one."""
     if len(reply) < _HEADER.size:
         return f"not a DNS reply ({len(reply)} bytes)"
     got, flags = _HEADER.unpack_from(reply)[:2]
     if got != ident or not flags & _FLAG_QR:
         return "not a reply to the probe's DNS query"
-    if flags & 0xF == _SERVFAIL:
-        return "DNS SERVFAIL"
-    return None
+    return flags & 0xF
+
+
+def dns_verdict(ident: int, reply: bytes) -> str | None:
+    """A reply to our query passes unless it is SERVFAIL (the server could not answer): an
+    authoritative server REFUSED to answer for a zone it does not serve is still serving."""
+    rcode = dns_rcode(ident, reply)
+    if isinstance(rcode, str):
+        return rcode
+    return "DNS SERVFAIL" if rcode == _SERVFAIL else None
 
 
 def payload_verdict(expect: bytes | None) -> Callable[[bytes], str | None]:
