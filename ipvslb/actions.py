@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 
-from ipvslb import health, probe, udprequest
+from ipvslb import health, probe, probes, udprequest
 from ipvslb.model import format_endpoint
 
 log = logging.getLogger("ipvslb")
@@ -105,7 +105,7 @@ class Executor:
                 case health.StartProbe(backend, timeout):
                     # A TCP probe's SYN leaves now; the task only collects the answer.
                     try:
-                        started = self.prober.TcpProbe(*backend) if svc.service.protocol == "tcp" else None
+                        started = self.prober.TcpProbe(*backend) if probes.kind(svc.service) == "tcp" else None
                     except OSError as err:
                         # No socket (EMFILE, ENOBUFS): a failed probe, this host's fault, so
                         # that health gets its one result and the backend does not wait forever.
@@ -148,10 +148,14 @@ class Executor:
                      started: probe.TcpProbe | None) -> None:
         try:
             if started is not None:
-                outcome = await started.result(timeout)
-            else:
+                outcome = await started.result(probes.timeout(svc.service, timeout))
+            elif probes.kind(svc.service) == "udp":
                 request = udprequest.for_service(svc.service, self.rng.getrandbits(16))
-                outcome = await self.prober.probe(svc.service.protocol, backend[0], backend[1], timeout, request)
+                outcome = await self.prober.probe(svc.service.protocol, backend[0], backend[1],
+                                                  probes.timeout(svc.service, timeout), request)
+            else:  # the service's probe type (health.probe)
+                outcome = await probes.run(svc.service, backend, probes.timeout(svc.service, timeout),
+                                           self.rng.getrandbits(16))
         except Exception as err:  # still one result for the one StartProbe
             self._internal_error("probe", err)
             outcome = cannot_probe(err)
