@@ -158,3 +158,57 @@ def tracer(ipvs):
     print(f"tracer compiled and attached in {t.compile_seconds:.1f} s ({t.attribution})")
     yield t
     t.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(_session_topology):
+    """`ipvslb run` over the three backends (service `web`, daemonproc.VIP), one per module."""
+    from tests.kernel.daemonproc import DaemonProcess, write_config
+
+    topo = _session_topology
+    topo.reset()
+    ipvsadm("-C")
+    config = write_config(topo.backends)
+    d = DaemonProcess(config)
+    d.start()
+    yield d
+    d.kill()
+    print(d.log()[-4000:])
+    # The daemon leaves IPVS and its VIPs in place by design; later modules start clean.
+    ipvsadm("-C")
+    subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
+    topo.reset()
+
+
+@pytest.fixture
+def fresh(daemon, _session_topology):
+    """All backends accepting, back at full weight and out of probation (where one failure
+    re-quarantines at once, a path no test means to measure by accident) before the test."""
+    from tests.kernel.daemonproc import wait_for
+
+    _session_topology.reset()
+    wait_for(lambda: all(b["state"] == "healthy" and b["weight"] == b["configured_weight"]
+                         and b["probation_until"] is None
+                         for b in daemon.backends().values()), 90, "every backend healthy, out of probation")
+    return daemon
+
+
+@pytest.fixture
+def clients():
+    """Starts client loops through the VIP, and stops each when its test ends, passed or
+    failed: a loop left running after a failed assertion would load, and fail, every later
+    test in the module (it once cost CI four failures for one)."""
+    from tests.kernel.client import ClientLoop
+    from tests.kernel.daemonproc import PORT, VIP
+
+    started: list[ClientLoop] = []
+
+    def start(rate: int = 50, timeout: float = 3) -> ClientLoop:
+        loop = ClientLoop(VIP, PORT, rate=rate, timeout=timeout)
+        loop.start()
+        started.append(loop)
+        return loop
+
+    yield start
+    for loop in started:
+        loop.stop()

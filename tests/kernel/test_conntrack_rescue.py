@@ -18,8 +18,8 @@ import pytest
 
 from ipvslb import conntrack
 from tests.kernel.conftest import ipvsadm
-from tests.kernel.test_daemon import (  # noqa: F401  (fixtures)
-    clients, daemon, endpoint, explain_failures, first_weight, fresh, wait_for)
+from tests.kernel.daemonproc import endpoint, first_weight, wait_for
+from tests.kernel.test_daemon import explain_failures
 from tests.kernel.topology import sh, sysctl
 from tests.kernel.wire import SynWatch
 
