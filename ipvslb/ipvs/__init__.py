@@ -7,7 +7,7 @@ rtnetlink for the VIPs, /proc/sys for the sysctls. docs/ipvs.md describes the be
 """
 from ipvslb.ipvs.client import IPVS, Failure, Info, IPVSError, Timeouts
 from ipvslb.ipvs.manager import ApplyError, ApplyResult, Manager
-from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, ServiceSpec, Stats
+from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, OpKind, ServiceSpec, Stats
 
 __all__ = ["IPVS", "ApplyError", "ApplyResult", "DestSpec", "Failure", "IPVSError", "Info", "KernelDest",
-           "KernelService", "Manager", "Op", "ServiceSpec", "Stats", "Timeouts"]
+           "KernelService", "Manager", "Op", "OpKind", "ServiceSpec", "Stats", "Timeouts"]

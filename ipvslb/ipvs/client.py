@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ipvslb.ipvs import codec, messages
-from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, ServiceSpec, ip
+from ipvslb.ipvs.specs import DestSpec, KernelDest, KernelService, Op, OpKind, ServiceSpec, ip
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
@@ -32,20 +32,20 @@ RECV_BYTES = 256 << 10
 REPLY_TIMEOUT = 5.0
 
 _COMMANDS = {
-    "add-service": messages.CMD_NEW_SERVICE,
-    "edit-service": messages.CMD_SET_SERVICE,
-    "delete-service": messages.CMD_DEL_SERVICE,
-    "add-dest": messages.CMD_NEW_DEST,
-    "edit-dest": messages.CMD_SET_DEST,
-    "delete-dest": messages.CMD_DEL_DEST,
+    OpKind.ADD_SERVICE: messages.CMD_NEW_SERVICE,
+    OpKind.EDIT_SERVICE: messages.CMD_SET_SERVICE,
+    OpKind.DELETE_SERVICE: messages.CMD_DEL_SERVICE,
+    OpKind.ADD_DEST: messages.CMD_NEW_DEST,
+    OpKind.EDIT_DEST: messages.CMD_SET_DEST,
+    OpKind.DELETE_DEST: messages.CMD_DEL_DEST,
 }
 # Outcomes that mean "already as asked" when someone else got there first: the kernel
 # answers ESRCH for a service that is gone and ENOENT for a destination that is gone.
 _ALREADY_DONE = {
-    "add-service": {errno.EEXIST},
-    "add-dest": {errno.EEXIST},
-    "delete-service": {errno.ESRCH, errno.ENOENT},
-    "delete-dest": {errno.ENOENT, errno.ESRCH},
+    OpKind.ADD_SERVICE: {errno.EEXIST},
+    OpKind.ADD_DEST: {errno.EEXIST},
+    OpKind.DELETE_SERVICE: {errno.ESRCH, errno.ENOENT},
+    OpKind.DELETE_DEST: {errno.ENOENT, errno.ESRCH},
 }
 
 
@@ -62,7 +62,7 @@ class Failure(NamedTuple):
         target = f"{svc.protocol} {ip(svc.vip)}:{svc.port}" if not svc.fwmark else f"fwmark {svc.fwmark}"
         if self.op.dest is not None:
             target += f" -> {ip(self.op.dest.address)}:{self.op.dest.port}"
-        return f"{self.op.kind} {target}: {errno.errorcode.get(self.errno, self.errno)}"
+        return f"{self.op.kind.value} {target}: {errno.errorcode.get(self.errno, self.errno)}"
 
 
 class Info(NamedTuple):
@@ -187,33 +187,33 @@ class IPVS:
             raise IPVSError(failures[0].errno, str(failures[0]))
 
     def add_service(self, service: ServiceSpec) -> None:
-        self.apply_one(Op("add-service", service))
+        self.apply_one(Op(OpKind.ADD_SERVICE, service))
 
     def edit_service(self, service: ServiceSpec) -> None:
-        self.apply_one(Op("edit-service", service))
+        self.apply_one(Op(OpKind.EDIT_SERVICE, service))
 
     def delete_service(self, service: ServiceSpec) -> None:
-        self.apply_one(Op("delete-service", service))
+        self.apply_one(Op(OpKind.DELETE_SERVICE, service))
 
     def add_dest(self, service: ServiceSpec, dest: DestSpec) -> None:
-        self.apply_one(Op("add-dest", service, dest))
+        self.apply_one(Op(OpKind.ADD_DEST, service, dest))
 
     def edit_dest(self, service: ServiceSpec, dest: DestSpec) -> None:
-        self.apply_one(Op("edit-dest", service, dest))
+        self.apply_one(Op(OpKind.EDIT_DEST, service, dest))
 
     def delete_dest(self, service: ServiceSpec, dest: DestSpec) -> None:
-        self.apply_one(Op("delete-dest", service, dest))
+        self.apply_one(Op(OpKind.DELETE_DEST, service, dest))
 
     # -- the wire --------------------------------------------------------------------
 
     def _encode(self, op: Op, ids: dict[ServiceSpec, bytes]) -> bytes:
         if op.dest is None:
-            attrs = codec.service_id(op.service) if op.kind == "delete-service" else codec.service_full(op.service)
+            attrs = codec.service_id(op.service) if op.kind is OpKind.DELETE_SERVICE else codec.service_full(op.service)
         else:
             service = ids.get(op.service)
             if service is None:
                 service = ids[op.service] = codec.service_id(op.service)
-            attrs = service + (codec.dest_id(op.dest) if op.kind == "delete-dest" else codec.dest_full(op.dest))
+            attrs = service + (codec.dest_id(op.dest) if op.kind is OpKind.DELETE_DEST else codec.dest_full(op.dest))
         return codec.message(self._family, _COMMANDS[op.kind], codec.NLM_F_REQUEST, next(self._seq), attrs)
 
     def _send_batch(self, batch: list[bytes], pending: dict[int, Op], failures: list[Failure]) -> None:

@@ -29,7 +29,7 @@ from ipvslb.ipvs import reconcile, sysctls
 from ipvslb.ipvs.client import IPVS, Failure
 from ipvslb.ipvs.ownership import Ownership
 from ipvslb.ipvs.snapshot import Snapshot
-from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec, dest_spec, service_spec
+from ipvslb.ipvs.specs import DestSpec, Op, OpKind, ServiceSpec, dest_spec, service_spec
 from ipvslb.ipvs.vips import VipInterface
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,10 @@ class Manager:
 
         # A service we failed to delete stays ours. A VIP of ours stays while any IPVS
         # service (ours or not) still uses it: removing it would cut that service off.
-        kept = {f.op.service for f in failures if f.op.kind == "delete-service"}
+        kept = {f.op.service for f in failures if f.op.kind is OpKind.DELETE_SERVICE}
         vips_kept = self.ownership.vips
         if self.vips is not None:
-            deleted = {op.service.key for op in ops if op.kind == "delete-service"} - {spec.key for spec in kept}
+            deleted = {op.service.key for op in ops if op.kind is OpKind.DELETE_SERVICE} - {spec.key for spec in kept}
             in_use = vips_wanted | {spec.vip for key, spec in state.services.items() if key not in deleted}
             vips_kept = self.ownership.vips & in_use
             for vip in (self.ownership.vips - in_use) & state.vips:
@@ -213,7 +213,7 @@ class Manager:
 
     def _write_weight(self, svc: model.Service, configured: model.Backend) -> int:
         effective = self._weight(svc, configured)
-        op = Op("edit-dest", service_spec(svc), dest_spec(svc, configured, effective))
+        op = Op(OpKind.EDIT_DEST, service_spec(svc), dest_spec(svc, configured, effective))
         state, self._snapshot = self._snapshot, None
         self.ipvs.apply_one(op)
         if state is not None and op.service.key in state.dests:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
-from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec
+from ipvslb.ipvs.specs import DestSpec, Op, OpKind, ServiceSpec
 
 
 def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
@@ -27,13 +27,13 @@ def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
         wanted.add(key)
         current = kernel.get(key)
         if current is None:
-            ops.append(Op("add-service", service))
-            ops.extend(Op("add-dest", service, d) for d in dests)
+            ops.append(Op(OpKind.ADD_SERVICE, service))
+            ops.extend(Op(OpKind.ADD_DEST, service, d) for d in dests)
             continue
         if current != service:
-            ops.append(Op("edit-service", service))
+            ops.append(Op(OpKind.EDIT_SERVICE, service))
         ops.extend(_dest_ops(service, dests, kernel_dests.get(key, {})))
-    ops.extend(Op("delete-service", spec) for key, spec in kernel.items() if key in owned and key not in wanted)
+    ops.extend(Op(OpKind.DELETE_SERVICE, spec) for key, spec in kernel.items() if key in owned and key not in wanted)
     return ops
 
 
@@ -47,14 +47,14 @@ def _dest_ops(service: ServiceSpec, dests: Sequence[DestSpec], current: Mapping[
     for dest in dests:
         have = current.get(dest.key)
         if have is None:
-            ops.append(Op("add-dest", service, dest))
+            ops.append(Op(OpKind.ADD_DEST, service, dest))
         else:
             found += 1
             if have != dest:
-                ops.append(Op("edit-dest", service, dest))
+                ops.append(Op(OpKind.EDIT_DEST, service, dest))
     # Every current destination was matched (keys are unique): the common, unchanged case
     # needs no set of the desired keys.
     if found < len(current):
         keep = {dest.key for dest in dests}
-        ops.extend(Op("delete-dest", service, d) for key, d in current.items() if key not in keep)
+        ops.extend(Op(OpKind.DELETE_DEST, service, d) for key, d in current.items() if key not in keep)
     return ops

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ipvslb.ipvs.specs import DestSpec, Op, ServiceSpec
+from ipvslb.ipvs.specs import DestSpec, Op, OpKind, ServiceSpec
 
 
 @dataclass
@@ -35,13 +35,13 @@ class Snapshot:
         """Apply writes the kernel accepted."""
         for op in ops:
             key = op.service.key
-            if op.kind in ("add-service", "edit-service"):
+            if op.kind in (OpKind.ADD_SERVICE, OpKind.EDIT_SERVICE):
                 self.services[key] = op.service
                 self.dests.setdefault(key, {})
-            elif op.kind == "delete-service":
+            elif op.kind is OpKind.DELETE_SERVICE:
                 self.services.pop(key, None)
                 self.dests.pop(key, None)
-            elif op.kind == "delete-dest":
+            elif op.kind is OpKind.DELETE_DEST:
                 self.dests.get(key, {}).pop(op.dest.key, None)
             else:
                 self.dests.setdefault(key, {})[op.dest.key] = op.dest

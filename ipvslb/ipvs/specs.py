@@ -6,6 +6,7 @@ build ten thousand `ipaddress` objects just to compare them.
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
 from socket import AF_INET, AF_INET6
 from typing import NamedTuple
@@ -151,12 +152,20 @@ def dest_spec(service: model.Service, backend: model.Backend, weight: int | None
     )
 
 
-class Op(NamedTuple):
-    """One write: kind is one of OP_KINDS; dest is None for service operations."""
+class OpKind(enum.Enum):
+    """What one write does; the value is how errors and logs name it."""
 
-    kind: str
+    ADD_SERVICE = "add-service"
+    EDIT_SERVICE = "edit-service"
+    DELETE_SERVICE = "delete-service"
+    ADD_DEST = "add-dest"
+    EDIT_DEST = "edit-dest"
+    DELETE_DEST = "delete-dest"
+
+
+class Op(NamedTuple):
+    """One write; dest is None for service operations."""
+
+    kind: OpKind
     service: ServiceSpec
     dest: DestSpec | None = None
-
-
-OP_KINDS = ("add-service", "edit-service", "delete-service", "add-dest", "edit-dest", "delete-dest")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb.ipvs import IPVS, Manager, Op, ServiceSpec, sysctls
+from ipvslb.ipvs import IPVS, Manager, Op, OpKind, ServiceSpec, sysctls
 from ipvslb.ipvs.specs import DestSpec, service_spec
 from ipvslb.model import Backend, Service, Settings
 from tests.kernel import ipvs_configs as cfg
@@ -76,7 +76,7 @@ def test_config_b_matches_and_a_long_lived_stream_through_a_kept_backend_survive
     result = manager.apply(cfg.config_b())
     assert listing() == cfg.LISTING_B
     # web: scheduler, b1's weight, b3 in, b2 out; direct: two forwarding methods; web6 out; dns6 in
-    assert collections.Counter(op.kind for op in result.ops) == {
+    assert collections.Counter(op.kind.value for op in result.ops) == {
         "edit-service": 1, "edit-dest": 3, "add-dest": 4, "delete-dest": 1, "delete-service": 1, "add-service": 1}
 
     kept.sendall(b"after\n")
@@ -113,13 +113,13 @@ def test_changes_made_by_others_are_repaired_at_the_next_verify(topo, settings):
         assert m.apply(cfg.config_a()).writes == 0     # the snapshot is fresh: no read at all
         assert listing() == drifted
         repaired = m.apply(cfg.config_a(), verify=True)
-        assert collections.Counter(op.kind for op in repaired.ops) == {"add-dest": 1, "edit-dest": 1,
+        assert collections.Counter(op.kind.value for op in repaired.ops) == {"add-dest": 1, "edit-dest": 1,
                                                                           "edit-service": 1}
         assert listing() == cfg.LISTING_A
 
         ipvsadm("-d", "-u", "10.90.0.2:53", "-r", "10.77.1.2:8080")
         time.sleep(2.1)
-        assert [op.kind for op in m.apply(cfg.config_a()).ops] == ["add-dest"]   # stale: verified
+        assert [op.kind.value for op in m.apply(cfg.config_a()).ops] == ["add-dest"]   # stale: verified
         assert listing() == cfg.LISTING_A
     finally:
         m.close()
@@ -288,12 +288,12 @@ def test_adding_what_exists_and_deleting_what_is_gone_succeed(topo):
     spec = ServiceSpec("tcp", ipaddress.ip_address("10.98.0.1").packed, 80, "rr", 0, 0, 0xFFFFFFFF)
     dest = DestSpec(cfg.V4[1].packed, 8080, 0, 1)
     with IPVS() as ipvs:
-        ops = [Op("add-service", spec), Op("add-dest", spec, dest)]
+        ops = [Op(OpKind.ADD_SERVICE, spec), Op(OpKind.ADD_DEST, spec, dest)]
         assert ipvs.execute(ops) == []
         assert ipvs.execute(ops) == []   # EEXIST: already there
-        assert ipvs.execute([Op("delete-dest", spec, dest), Op("delete-dest", spec, dest)]) == []
-        assert ipvs.execute([Op("delete-service", spec), Op("delete-service", spec)]) == []
-        failures = ipvs.execute([Op("edit-service", spec)])
+        assert ipvs.execute([Op(OpKind.DELETE_DEST, spec, dest), Op(OpKind.DELETE_DEST, spec, dest)]) == []
+        assert ipvs.execute([Op(OpKind.DELETE_SERVICE, spec), Op(OpKind.DELETE_SERVICE, spec)]) == []
+        failures = ipvs.execute([Op(OpKind.EDIT_SERVICE, spec)])
         assert [f.errno for f in failures] == [errno.ESRCH]
         assert ipvs.writes == 9
 

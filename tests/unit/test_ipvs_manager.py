@@ -95,7 +95,7 @@ def test_foreign_service_is_never_touched_and_removed_ones_are_deleted_with_thei
     m = start()
     m.apply([WEB, DNS, DNS_TCP])
     result = m.apply([DNS_TCP])
-    assert sorted(op.kind for op in result.ops) == ["delete-service", "delete-service"]
+    assert sorted(op.kind.value for op in result.ops) == ["delete-service", "delete-service"]
     assert len(kernel.services) == 2
     assert vips.addresses_now == {ip("10.90.0.2").packed, ip("10.99.0.1").packed}   # shared VIP stays
     owned = json.loads((Path(settings.state_dir) / "owned.json").read_text())
@@ -106,7 +106,7 @@ def test_ownership_outlives_the_manager(world):
     kernel, vips, settings, start = world
     start().apply([WEB, DNS])
     restarted = start()
-    assert restarted.apply([DNS]).ops[0].kind == "delete-service"
+    assert restarted.apply([DNS]).ops[0].kind.value == "delete-service"
     assert len(kernel.services) == 1
 
 
@@ -154,11 +154,11 @@ def test_failed_writes_raise_after_the_rest_is_done_and_keep_ownership(world):
     kernel._change = refuse_deletes
     with pytest.raises(ApplyError) as err:
         m.apply([WEB])
-    assert [f.op.kind for f in err.value.result.failures] == ["delete-service"]
+    assert [f.op.kind.value for f in err.value.result.failures] == ["delete-service"]
     assert "1 of 1 IPVS changes failed: delete-service udp 10.90.0.2:53: EBUSY" in str(err.value)
     assert ip("10.90.0.2").packed in vips.addresses_now
     kernel._change = original
-    assert [op.kind for op in m.apply([WEB]).ops] == ["delete-service"]
+    assert [op.kind.value for op in m.apply([WEB]).ops] == ["delete-service"]
 
 
 def test_duplicate_services_are_refused(world):
@@ -219,7 +219,7 @@ def test_a_change_from_the_snapshot_sends_only_its_writes_and_reads_nothing(worl
     changed = dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=4), B[3]))
     result = m.apply([changed, DNS_TCP])
     assert reads(kernel, vips) == before
-    assert sorted(op.kind for op in result.ops) == ["add-dest", "add-dest", "add-service", "delete-dest",
+    assert sorted(op.kind.value for op in result.ops) == ["add-dest", "add-dest", "add-service", "delete-dest",
                                                     "delete-service", "edit-dest"]
     assert weights(kernel) == {(1, 8080): 4, (3, 8080): 1}
     assert m.apply([changed, DNS_TCP]).writes == 0
@@ -249,7 +249,7 @@ def test_verify_forces_a_full_read_and_repairs_what_others_changed(world):
     before = reads(kernel, vips)
     result = m.apply([WEB], verify=True)
     assert reads(kernel, vips) > before
-    assert [op.kind for op in result.ops] == ["add-dest", "add-dest"]
+    assert [op.kind.value for op in result.ops] == ["add-dest", "add-dest"]
     assert weights(kernel) == {(1, 8080): 1, (2, 8080): 1}
 
 
@@ -261,7 +261,7 @@ def test_a_failed_write_drops_the_snapshot(world):
     with pytest.raises(ApplyError) as err:
         m.apply([dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=2), B[2]))])
     assert m.verifies == 2                          # planned again from a full read, refused again
-    assert [op.kind for op in err.value.result.ops] == ["edit-dest"] and err.value.result.writes == 2
+    assert [op.kind.value for op in err.value.result.ops] == ["edit-dest"] and err.value.result.writes == 2
     kernel._change = original
     before = reads(kernel, vips)
     m.apply([WEB])
@@ -276,7 +276,7 @@ def test_a_write_failing_on_what_others_removed_is_planned_again_from_the_kernel
     del kernel.dests[sid][next(iter(kernel.dests[sid]))]   # `ipvsadm -d` of backend 1
     heavier = dataclasses.replace(WEB, backends=(dataclasses.replace(B[1], weight=2), B[2]))
     result = m.apply([heavier])                          # edit-dest: ENOENT, then verified
-    assert ([op.kind for op in result.ops], result.writes, result.failures) == (["add-dest"], 2, [])
+    assert ([op.kind.value for op in result.ops], result.writes, result.failures) == (["add-dest"], 2, [])
     assert weights(kernel) == {(1, 8080): 2, (2, 8080): 1}
 
 
@@ -305,7 +305,7 @@ def test_a_snapshot_proved_wrong_by_the_kernel_is_replaced_in_the_same_apply(wor
     # Someone adds, by hand, the backend the next configuration adds, with another weight.
     IPVS(sock=kernel, family=FAMILY).add_dest(*_web_with(B[3], weight=9))
     result = m.apply([dataclasses.replace(WEB, backends=(B[1], B[2], B[3]))])
-    assert ([op.kind for op in result.ops], result.writes) == (["edit-dest"], 2)   # EEXIST, then verified
+    assert ([op.kind.value for op in result.ops], result.writes) == (["edit-dest"], 2)   # EEXIST, then verified
     assert weights(kernel) == {(1, 8080): 1, (2, 8080): 1, (3, 8080): 1}
     assert m.verifies == 2
 

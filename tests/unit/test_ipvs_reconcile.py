@@ -27,7 +27,7 @@ def by_key(*dests: DestSpec) -> dict:
 
 
 def kinds(ops):
-    return [(op.kind, op.service.key[1][-1], op.dest.address[-2] if op.dest else None) for op in ops]
+    return [(op.kind.value, op.service.key[1][-1], op.dest.address[-2] if op.dest else None) for op in ops]
 
 
 def test_empty_kernel_gets_services_then_their_destinations():
@@ -72,4 +72,4 @@ def test_desired_service_made_by_someone_else_is_edited_to_match():
 def test_ipv4_and_ipv6_services_on_the_same_port_are_distinct():
     v6 = svc("fd90::1")
     ops = plan([(WEB, []), (v6, [])], {WEB.key: WEB}, {WEB.key: by_key()}, {WEB.key})
-    assert [(op.kind, op.service) for op in ops] == [("add-service", v6)]
+    assert [(op.kind.value, op.service) for op in ops] == [("add-service", v6)]
