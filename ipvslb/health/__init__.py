@@ -17,6 +17,7 @@ from ipvslb.health.guards import MAX_PEER_CHECKS, MIN_FREEZE_BACKENDS
 from ipvslb.health.states import IN_ROTATION, OUT_OF_ROTATION, TRANSITIONS, Event, IllegalTransition, State
 from ipvslb.health.types import (
     Action,
+    CheckResult,
     ClosedInSynSent,
     ConnectStarted,
     Established,
@@ -40,7 +41,7 @@ from ipvslb.health.types import (
 __all__ = [
     "COUNTERS", "CONNECT_HISTORY_SIZE", "INITIAL_SYN_TIMEOUT", "IN_ROTATION", "MAX_PEER_CHECKS", "MAX_PENDING",
     "MIN_FREEZE_BACKENDS", "OUT_OF_ROTATION", "PENDING_HORIZON", "RAMP_STEP", "TRANSITIONS", "UNTRUSTED_PROBE_TIMEOUT",
-    "Action", "ClosedInSynSent", "ConnectStarted", "Established", "Event", "Evidence", "FreezeLifted",
+    "Action", "CheckResult", "ClosedInSynSent", "ConnectStarted", "Established", "Event", "Evidence", "FreezeLifted",
     "FreezeReported", "IllegalTransition", "ProbeResult", "QuarantineWithheld", "ResetInSynSent", "ServiceHealth",
     "SetWeight", "StartProbe", "State", "Successes", "SynRetransmit", "Transition", "UdpNoReply", "UdpReplied",
     "UdpUnreachable", "evidence_from",

@@ -126,6 +126,7 @@ from ipvslb.health.types import (
     Evidence,
     FreezeLifted,
     FreezeReported,
+    CheckResult,
     ProbeResult,
     QuarantineWithheld,
     ResetInSynSent,
@@ -627,6 +628,15 @@ class ServiceHealth:
         window = self.settings.udp_reply_window
         return self._failure(ev.backend, ev.t, now, False, f"no UDP reply within {window:g} s{detail}", ev.t)
 
+    def _on_check_result(self, ev: CheckResult, now: float) -> list[Action]:
+        b = self._backends.get(ev.backend)
+        if b is None or b.state is State.DISABLED or ev.local:
+            return []
+        detail = f": {ev.detail}" if ev.detail else ""
+        if ev.ok:
+            return self._alive(b, ev.t, now, f"active check ok{detail}")
+        return self._failure(ev.backend, ev.t, now, ev.refused, f"active check failed{detail}", ev.t)
+
     def _failure(self, key: Endpoint, t: float, now: float, hard: bool, evidence: str,
                  started: float, counts_toward_streak: bool = True) -> list[Action]:
         b = self._backends.get(key)
@@ -751,6 +761,7 @@ class ServiceHealth:
         UdpNoReply: _on_udp_no_reply,
         UdpReplied: _on_udp_replied,
         ProbeResult: _on_probe_result,
+        CheckResult: _on_check_result,
     }
 
     # -- timers --

@@ -105,8 +105,22 @@ class ProbeResult:
     refused: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One background check (`active_interval`) with the service's probe, asked for by no
+    StartProbe. A failure is evidence like a client's failed connect: hard when the backend
+    answered (a refusal, an HTTP 503), soft when it was silent; the confirmation probe
+    decides. `local`: the check failed on this host, no evidence against the backend."""
+    backend: Endpoint
+    ok: bool
+    t: float
+    detail: str = ""
+    local: bool = False
+    refused: bool = False
+
+
 Evidence = (ConnectStarted | Established | Successes | ResetInSynSent | SynRetransmit | ClosedInSynSent
-            | UdpUnreachable | UdpNoReply | UdpReplied | ProbeResult)
+            | UdpUnreachable | UdpNoReply | UdpReplied | ProbeResult | CheckResult)
 
 
 # --- Actions (output) -------------------------------------------------------------------
