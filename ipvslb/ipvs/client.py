@@ -1,4 +1,4 @@
-"""The IPVS generic-netlink socket: dumps, writes in batches, info and timeouts.
+"""The IPVS generic-netlink socket: dumps, and writes in batches.
 
 Writes go out many to a datagram. The kernel runs the messages of one datagram in order
 inside the send call and answers only failures, plus an acknowledgement for the last
@@ -63,19 +63,6 @@ class Failure(NamedTuple):
         if self.op.dest is not None:
             target += f" -> {ip(self.op.dest.address)}:{self.op.dest.port}"
         return f"{self.op.kind.value} {target}: {errno.errorcode.get(self.errno, self.errno)}"
-
-
-class Info(NamedTuple):
-    version: tuple[int, int, int]
-    conn_tab_size: int
-
-
-class Timeouts(NamedTuple):
-    """Seconds; in set_timeouts 0 leaves a value unchanged, as in the kernel."""
-
-    tcp: int
-    tcp_fin: int
-    udp: int
 
 
 def family_id() -> int:
@@ -144,22 +131,7 @@ class IPVS:
         return self._dump(messages.CMD_GET_DEST, codec.service_id(service),
                           lambda buf, payload, end: codec.parse_dest(buf, payload, end, family, stats))
 
-    def info(self) -> Info:
-        reply = self._control(messages.CMD_GET_INFO, messages.ipvsinfomsg)
-        version = reply.get_attr("IPVS_INFO_ATTR_VERSION")
-        return Info((version >> 16 & 0xFF, version >> 8 & 0xFF, version & 0xFF),
-                    reply.get_attr("IPVS_INFO_ATTR_CONN_TAB_SIZE"))
-
-    def timeouts(self) -> Timeouts:
-        reply = self._control(messages.CMD_GET_CONFIG, messages.ipvsmsg)
-        return Timeouts(*(reply.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{n}") for n in ("TCP", "TCP_FIN", "UDP")))
-
     # -- writing ---------------------------------------------------------------------
-
-    def set_timeouts(self, tcp: int = 0, tcp_fin: int = 0, udp: int = 0) -> None:
-        attrs = [[f"IPVS_CMD_ATTR_TIMEOUT_{n}", v] for n, v in (("TCP", tcp), ("TCP_FIN", tcp_fin), ("UDP", udp))]
-        self.writes += 1
-        self._control(messages.CMD_SET_CONFIG, None, attrs)
 
     def execute(self, ops: Iterable[Op]) -> list[Failure]:
         """Send the operations in order; return those that failed (operations whose goal
@@ -266,36 +238,6 @@ class IPVS:
                     out.append(parse(self._buf, payload, end))
                 except codec.MalformedReply as err:
                     raise _malformed(err) from err
-
-    def _control(self, cmd: int, reply_class, attrs=()):
-        """A request through pyroute2's message classes; returns the decoded reply, or
-        None for a command that only acknowledges."""
-        msg = messages.ipvsmsg()
-        msg["cmd"] = cmd
-        msg["version"] = messages.VERSION
-        msg["attrs"] = list(attrs)
-        seq = next(self._seq)
-        msg["header"]["type"] = self._family
-        msg["header"]["flags"] = codec.NLM_F_REQUEST | codec.NLM_F_ACK
-        msg["header"]["sequence_number"] = seq
-        msg.encode()
-        self._sock.send(msg.data)
-        reply = None
-        while True:
-            for kind, mseq, payload, end in self._receive():
-                if mseq != seq:
-                    continue
-                if kind == codec.NLMSG_ERROR:
-                    code = codec.error_code(self._buf, payload)
-                    if code:
-                        raise IPVSError(code, f"IPVS command {cmd} failed: {errno.errorcode.get(code, code)}")
-                    return reply
-                reply = reply_class(bytes(self._buf[payload - codec.NLMSG_HEADER_SIZE:end]))
-                try:
-                    reply.decode()
-                except Exception as err:  # pyroute2 raises whatever its struct calls raise
-                    raise _malformed(err) from err
-
 
 def _malformed(err: Exception) -> IPVSError:
     return IPVSError(errno.EBADMSG, f"malformed IPVS reply: {err}")

@@ -18,7 +18,6 @@ import struct
 from collections.abc import Iterator
 
 from ipvslb.ipvs import messages
-from ipvslb.model import PROTOCOL_NAMES, PROTOCOLS
 from ipvslb.ipvs.specs import (
     AF_INET,
     CONN_F_FWD_MASK,
@@ -29,6 +28,7 @@ from ipvslb.ipvs.specs import (
     ServiceSpec,
     Stats,
 )
+from ipvslb.model import PROTOCOL_NAMES, PROTOCOLS
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300

@@ -3,8 +3,7 @@
 Debian's python3-pyroute2 (0.7.2 in 12, 0.7.7 in 13) has no `pyroute2.ipvs`, so the family
 is declared here from linux/include/uapi/linux/ip_vs.h. These classes are the one place
 that names the commands and attributes: `codec` takes its attribute numbers from the
-`nla_map`s below, and the control commands (info, timeouts) are encoded and decoded with
-them directly.
+`nla_map`s below.
 """
 from __future__ import annotations
 
@@ -115,17 +114,6 @@ class ipvsmsg(genlmsg):
         # pyroute2 looks nested classes up on the enclosing class
         stats = ipvs_stats
         stats64 = ipvs_stats64
-
-
-class ipvsinfomsg(genlmsg):
-    """The reply to IPVS_CMD_GET_INFO."""
-
-    prefix = "IPVS_INFO_ATTR_"
-    nla_map = (
-        ("IPVS_INFO_ATTR_UNSPEC", "none"),
-        ("IPVS_INFO_ATTR_VERSION", "uint32"),
-        ("IPVS_INFO_ATTR_CONN_TAB_SIZE", "uint32"),
-    )
 
 
 def attr_numbers(nla_map) -> dict[str, int]:

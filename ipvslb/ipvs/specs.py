@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 from ipvslb import model
 
-
 # IP_VS_SVC_F_*
 SVC_F_PERSISTENT = 0x0001
 SVC_F_HASHED = 0x0002
@@ -32,7 +31,6 @@ SCHEDULER_FLAGS = {
 
 # IP_VS_CONN_F_* forwarding methods
 FORWARDING = {"masq": 0, "tunnel": 2, "route": 3}
-FORWARDING_NAMES = {number: name for name, number in FORWARDING.items()}
 CONN_F_FWD_MASK = 0x0007
 
 NETMASK_V4 = 0xFFFFFFFF  # what ipvsadm sends for IPv4: persistence per client address

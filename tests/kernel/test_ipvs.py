@@ -238,20 +238,6 @@ def test_sysctls_are_set_by_kernel_version(manager):
                       "conn_reuse_mode": expected_reuse}
 
 
-def test_info_and_timeouts_agree_with_ipvsadm(topo):
-    with IPVS() as ipvs:
-        info = ipvs.info()
-        header = ipvsadm("-Ln").splitlines()[0]
-        assert header == f"IP Virtual Server version {'.'.join(map(str, info.version))} (size={info.conn_tab_size})"
-        saved = ipvs.timeouts()
-        try:
-            ipvs.set_timeouts(tcp=901, tcp_fin=121, udp=301)
-            assert ipvs.timeouts() == (901, 121, 301)
-            assert ipvsadm("-L", "--timeout").split(":")[1].split() == ["901", "121", "301"]
-        finally:
-            ipvs.set_timeouts(*saved)
-
-
 def test_dump_with_stats_counts_connections(manager):
     # A VIP of its own: the kernel keeps a deleted destination that still has connections
     # in a trash, per service, and hands it back, counters and all, to the next add of

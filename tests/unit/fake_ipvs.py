@@ -61,13 +61,7 @@ class FakeKernel:
         if flags & NLM_F_DUMP == NLM_F_DUMP:
             self._dump(cmd, msg, seq)
             return
-        if cmd == messages.CMD_GET_INFO:
-            reply = messages.ipvsinfomsg()
-            reply["attrs"] = [["IPVS_INFO_ATTR_VERSION", 0x010201], ["IPVS_INFO_ATTR_CONN_TAB_SIZE", 4096]]
-            self._reply(reply, cmd, 0, seq)
-            code = 0
-        else:
-            code = self._change(cmd, msg)
+        code = self._change(cmd, msg)
         if code or flags & NLM_F_ACK:
             self.replies.append(HEADER.pack(36, NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -code) + header)
 
