@@ -123,8 +123,11 @@ def parse(text: str, source: str = "<string>") -> model.Config:
     config = _config(_read_yaml(text, report), report)
     if report.messages:
         raise ConfigError(_capped(report.messages, source))
-    global _reusable
-    _reusable = report.checked_services
+    global _reusable, _reusable_by_first_line
+    by_first_line: dict[str, list[str]] = {}
+    for entry in report.checked_services:
+        by_first_line.setdefault(entry.split("\n", 1)[0], []).append(entry)
+    _reusable, _reusable_by_first_line = report.checked_services, by_first_line
     return config
 
 
@@ -191,9 +194,81 @@ class _Checks:
 
     duplicates: list[str]
     current: yaml.Node | None
+    # The text, when entries of `services` may be reused (see _reusable); the text of
+    # each entry, to keep it for the next parse.
+    reuse_text: str | None = None
+    service_texts: list[str] | None = None
+
+    def compose_document(self):
+        self.get_event()  # DOCUMENT-START, as Composer.compose_document
+        if self.reuse_text is not None and self.check_event(yaml.MappingStartEvent):
+            node = self._compose_root()
+        else:
+            node = self.compose_node(None, None)
+        self.get_event()  # DOCUMENT-END
+        self.anchors = {}
+        return node
+
+    def _compose_root(self) -> yaml.MappingNode:
+        """Composer.compose_mapping_node for the top level (no anchor, no tag: reuse_text
+        has neither), with `services` composed by _compose_services."""
+        start = self.get_event()
+        node = yaml.MappingNode(self.resolve(yaml.MappingNode, None, start.implicit), [], start.start_mark, None,
+                                flow_style=start.flow_style)
+        while not self.check_event(yaml.MappingEndEvent):
+            key = self.compose_node(node, None)
+            if (isinstance(key, yaml.ScalarNode) and key.value == "services" and self.service_texts is None
+                    and self.check_event(yaml.SequenceStartEvent)):
+                value = self._compose_services(node, key)
+            else:
+                value = self.compose_node(node, key)
+            node.value.append((key, value))
+        node.end_mark = self.get_event().end_mark
+        self._note_duplicates(node)
+        return node
+
+    def _compose_services(self, parent: yaml.Node, index: yaml.Node) -> yaml.SequenceNode:
+        """The `services` sequence; an entry whose text is in _reusable is skipped, not
+        composed: a _ReusedNode stands for it."""
+        text, reusable, by_first_line = self.reuse_text, _reusable, _reusable_by_first_line
+        start = self.get_event()
+        node = yaml.SequenceNode(self.resolve(yaml.SequenceNode, None, start.implicit), [], start.start_mark, None,
+                                 flow_style=start.flow_style)
+        self.service_texts = texts = []
+        while not self.check_event(yaml.SequenceEndEvent):
+            begin = self.peek_event().start_mark.index
+            line = text.rfind("\n", 0, begin) + 1
+            end_of_line = text.find("\n", begin)
+            first_line = text[line:end_of_line if end_of_line >= 0 else len(text)]
+            found = next((t for t in by_first_line.get(first_line, ())
+                          if text.startswith(t, line) and _ends_entry(text, line + len(t), first_line)), None)
+            if found is None:
+                entry = self.compose_node(node, len(node.value))
+                texts.append(text[line:entry.end_mark.index].rstrip(_BLANK))
+                node.value.append(entry)
+                continue
+            first_mark, depth = self.peek_event().start_mark, 0
+            while True:
+                event = self.get_event()
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    depth += 1
+                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    depth -= 1
+                if depth == 0:
+                    break
+            if text[line:event.end_mark.index].rstrip(_BLANK) != found:
+                raise _ReuseMismatch()  # the entry went on: parsed again without reuse
+            texts.append(found)
+            node.value.append(_ReusedNode(first_mark, event.end_mark, reusable[found]))
+        node.end_mark = self.get_event().end_mark
+        return node
 
     def compose_mapping_node(self, anchor):
         node = super().compose_mapping_node(anchor)
+        self._note_duplicates(node)
+        return node
+
+    def _note_duplicates(self, node: yaml.MappingNode) -> None:
         first: dict[tuple[str, str], yaml.Mark] = {}
         for key, _ in node.value:
             # Merge keys (`<<`) may repeat and are meant to be overridden.
@@ -204,7 +279,6 @@ class _Checks:
                 self.duplicates.append(
                     f"{_where(key.start_mark)}: duplicate key: got {_repr.repr(key.value)}, "
                     f"expected each key once in a mapping (first at line {seen.line + 1})")
-        return node
 
     def construct_object(self, node, deep=False):
         if isinstance(node, _ReusedNode):
@@ -289,43 +363,52 @@ class _Reused:
 class _ReusedNode(yaml.ScalarNode):
     """Stands for an entry found in `_reusable`: constructs to its _Reused."""
 
-    def __init__(self, node: yaml.Node, reused: _Reused):
-        super().__init__("tag:ipvslb,reused", "", node.start_mark, node.end_mark)
+    def __init__(self, start_mark, end_mark, reused: _Reused):
+        super().__init__("tag:ipvslb,reused", "", start_mark, end_mark)
         self.reused = reused
 
 
-# Entry text (from its line's start to its end) -> the checked entry, of the last good parse.
+class _ReuseMismatch(Exception):
+    """An entry began as a reusable one's text but did not end where that text does."""
+
+
+# Entry text (from its line's start to its end) -> the checked entry, of the last good
+# parse; and the entries' texts by their first line, to find them while composing.
 _reusable: dict[str, _Reused] = {}
+_reusable_by_first_line: dict[str, list[str]] = {}
+# Trailing blanks are not part of an entry (block scalars, whose kept trailing newlines
+# would be, are never reused: see _read_yaml).
+_BLANK = " \t\r\n"
+_NEXT_TOKEN = re.compile(r"[ \t\r\n]*")
 
 
-def _reuse_services(node: yaml.Node | None, text: str) -> list[str | None] | None:
-    """The text of each entry of the top-level `services` sequence (None when reuse is not
-    safe), with the entries found in `_reusable` replaced by _ReusedNode."""
-    if not isinstance(node, yaml.MappingNode) or "&" in text or "*" in text or "!" in text or not text.isascii():
-        return None
-    found = [value for key, value in node.value if isinstance(key, yaml.ScalarNode) and key.value == "services"]
-    if len(found) != 1 or not isinstance(found[0], yaml.SequenceNode):
-        return None
-    texts, reusable = [], _reusable
-    for i, entry in enumerate(found[0].value):
-        line = text.rfind("\n", 0, entry.start_mark.index) + 1
-        texts.append(text[line:entry.end_mark.index])
-        if (reused := reusable.get(texts[-1])) is not None:
-            found[0].value[i] = _ReusedNode(entry, reused)
-    return texts
+def _ends_entry(text: str, at: int, first_line: str) -> bool:
+    """Whether an entry of the sequence whose first line is `first_line` probably ends at
+    `at`: only blanks follow, up to the end or to a line indented no deeper than its `-`."""
+    after = _NEXT_TOKEN.match(text, at).end()
+    if after == len(text):
+        return True
+    column = after - (text.rfind("\n", 0, after) + 1)
+    return column <= len(first_line) - len(first_line.lstrip(" "))
 
 
 def _read_yaml(text: str, report: _Report) -> Any:
     # Python's reader refuses these characters before parsing; libyaml's does not all.
+    reuse = text.isascii() and not any(c in text for c in "&*!|>")
     if _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
         try:
-            return _read_yaml_with(_FastLoader, text, report)
+            return _read_yaml_with(_FastLoader, text, report, reuse)
+        except _ReuseMismatch:
+            return _read_yaml_with(_FastLoader, text, report, False)
         except ConfigError:
             pass  # described by PyYAML's parser, as `check-config` always words it
-    return _read_yaml_with(_Loader, text, report)
+    try:
+        return _read_yaml_with(_Loader, text, report, reuse)
+    except _ReuseMismatch:
+        return _read_yaml_with(_Loader, text, report, False)
 
 
-def _read_yaml_with(loader_class: type, text: str, report: _Report) -> Any:
+def _read_yaml_with(loader_class: type, text: str, report: _Report, reuse: bool) -> Any:
     def fail(problem: str) -> ConfigError:
         return ConfigError([f"{report.source}: {problem}"])
 
@@ -333,10 +416,13 @@ def _read_yaml_with(loader_class: type, text: str, report: _Report) -> Any:
         loader = loader_class(text)
     except yaml.YAMLError as err:  # ReaderError: a character YAML does not allow
         raise fail(f"not valid YAML: {_one_line(err)}") from None
+    loader.reuse_text = text if reuse else None
     try:
         node = loader.get_single_node()
-        report.service_texts = _reuse_services(node, text)
+        report.service_texts = loader.service_texts
         doc = None if node is None else loader.construct_document(node)
+    except _ReuseMismatch:
+        raise
     except yaml.MarkedYAMLError as err:
         raise fail(_marked_yaml_error(err)) from None
     except RecursionError:
