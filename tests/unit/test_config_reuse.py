@@ -1,0 +1,77 @@
+"""A reload parses the whole file again; entries of `services` unchanged since the last good
+parse are reused, not composed and checked again. The result must be what a parse from
+nothing gives, whatever changed."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ipvslb import config
+
+HEAD = "settings:\n  state_dir: /var/lib/ipvslb\nservices:\n"
+
+
+def service(i: int, backends: int = 3) -> str:
+    return (f"  - name: svc{i}\n    vip: 10.93.{i // 250}.{i % 250 + 1}\n    port: 80\n    scheduler: rr\n"
+            "    backends:\n"
+            + "".join(f"      - {{address: 10.77.{j}.2, port: 8080, weight: 10}}\n" for j in range(1, backends + 1)))
+
+
+def from_nothing(text: str):
+    config._reusable, config._reusable_by_first_line = {}, {}
+    return outcome(text)
+
+
+def outcome(text: str):
+    try:
+        return config.parse(text)
+    except config.ConfigError as err:
+        return err.messages
+
+
+@pytest.fixture(autouse=True)
+def no_reuse_between_tests():
+    config._reusable, config._reusable_by_first_line = {}, {}
+    yield
+    config._reusable, config._reusable_by_first_line = {}, {}
+
+
+def test_unchanged_entries_are_the_same_objects_and_a_changed_one_is_new():
+    first = config.parse(HEAD + "".join(service(i) for i in range(20)))
+    second = config.parse(HEAD + "".join(service(i, 2 if i == 7 else 3) for i in range(20)))
+    assert [a is b for a, b in zip(first.services, second.services, strict=True)] == [i != 7 for i in range(20)]
+    assert len(second.services[7].backends) == 2
+
+
+def test_any_sequence_of_edits_parses_as_from_nothing():
+    rng = random.Random(7)
+    entries = [service(i) for i in range(30)]
+    for step in range(80):
+        i = rng.randrange(len(entries))
+        match rng.randrange(7):
+            case 0:
+                entries.pop(i)
+            case 1:
+                entries.insert(i, service(1000 + step))
+            case 2:  # an entry that goes on past the text it had
+                entries[i] += "      - {address: 10.77.9.2, port: 8080, weight: 10}\n"
+            case 3:
+                entries[i] = entries[i].replace("weight: 10", "weight: 7", 1)
+            case 4:  # a comment at the left margin inside an entry, then more of it
+                entries[i] += "# note\n    forwarding: masq\n"
+            case 5:  # an error: refused, and the next parse still right
+                entries[i] = entries[i].replace("port: 80", "port: 0", 1)
+            case 6:
+                entries[i] = service(i)
+        text = HEAD + "".join(entries) + ("extra: 1\n" if step % 9 == 0 else "")
+        reused = outcome(text)
+        assert reused == from_nothing(text), f"step {step}"
+        outcome(text)  # leave the reuse state of this text for the next step
+
+
+def test_an_anchor_anywhere_turns_reuse_off():
+    text = HEAD + "".join(service(i) for i in range(3))
+    first = config.parse(text)
+    second = config.parse(text + "# &anchor\n")
+    assert second == first and not any(a is b for a, b in zip(first.services, second.services, strict=True))
