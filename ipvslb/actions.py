@@ -1,5 +1,6 @@
 """Carrying out the health engine's actions: weights written to IPVS, conntrack rescues
-after a weight 0, probes started and their answers fed back, log lines.
+after a weight 0, probes started and their answers fed back, log lines, and notify hooks
+and journald fields for each transition.
 
 The kernel's ends (IPVS manager, conntrack rescuer, prober) are injected, so that the
 executor runs in tests with fakes.
@@ -13,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 
-from ipvslb import health, probe, probes, udprequest
+from ipvslb import health, journal, notify, probe, probes, udprequest
 from ipvslb.model import format_endpoint
 
 log = logging.getLogger("ipvslb")
@@ -37,14 +38,15 @@ class Executor:
     counts an exception a probe task did not expect; `current(svc)` says whether a
     service is still the one in force when its probe answers (a reload may replace it);
     `after_probe()` runs after a probe's answer was acted on (the daemon reschedules its
-    tick)."""
+    tick). `notifier` (notify.Notifier) is told of each transition, after its log line."""
 
-    def __init__(self, manager, rescuer, prober=probe, *, rng: random.Random | None = None,
+    def __init__(self, manager, rescuer, prober=probe, *, notifier: notify.Notifier | None = None,
+                 rng: random.Random | None = None,
                  internal_error: Callable[[str, BaseException], None] | None = None,
                  current: Callable[[health.ServiceHealth], bool] = lambda svc: True,
                  after_probe: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic):
-        self.manager, self.rescuer, self.prober = manager, rescuer, prober
+        self.manager, self.rescuer, self.prober, self.notifier = manager, rescuer, prober, notifier
         self.rng = rng or random.Random()
         self._internal_error = internal_error or (lambda task, err: log.error("%s: %r", task, err, exc_info=err))
         self._current, self._after_probe, self._clock = current, after_probe, clock
@@ -59,11 +61,12 @@ class Executor:
         milliseconds, and the weight change is what the clients are waiting for. A probe
         answered before connect() returned is fed to health here, and what health decides
         then is carried out in the same call, in the order the engine decided it."""
-        lines: list[tuple] = []
+        lines: list[Line] = []
+        notes: list[notify.TransitionNote] = []
         pending: collections.deque[tuple[tuple, probe.ProbeOutcome]] = collections.deque()
         fed = 0
         while True:
-            answered = self._run(svc, actions, lines)
+            answered = self._run(svc, actions, lines, notes)
             # Depth first, as the engine's decisions came: an answer's own consequences
             # before the next answer of the batch before it.
             pending.extendleft(reversed(answered))
@@ -71,7 +74,7 @@ class Executor:
                 break
             fed += 1
             if fed > MAX_ANSWERS:
-                _emit(lines)
+                self._emit(lines, notes)
                 raise RuntimeError(f"{svc.service.name}: more than {MAX_ANSWERS} probes answered at once")
             backend, outcome = pending.popleft()
             now = self._clock()
@@ -79,12 +82,19 @@ class Executor:
         if lines:
             try:
                 # After the probes just created have sent their SYN (call_soon runs in order).
-                asyncio.get_running_loop().call_soon(_emit, lines)
-            except RuntimeError:  # no loop yet (start-up): nothing to wait for
-                _emit(lines)
+                asyncio.get_running_loop().call_soon(self._emit, lines, notes)
+            except RuntimeError:  # no loop yet (start-up): nothing to wait for, no hooks to run
+                self._emit(lines, [])
 
-    def _run(self, svc: health.ServiceHealth, actions: list,
-             lines: list[tuple]) -> list[tuple[tuple, probe.ProbeOutcome]]:
+    def _emit(self, lines: list[Line], notes: list[notify.TransitionNote]) -> None:
+        for level, message, args, extra in lines:
+            log.log(level, message, *args, extra=extra)
+        if self.notifier is not None:
+            for note in notes:
+                self.notifier.transition(note)
+
+    def _run(self, svc: health.ServiceHealth, actions: list, lines: list[Line],
+             notes: list[notify.TransitionNote]) -> list[tuple[tuple, probe.ProbeOutcome]]:
         """One batch of actions; returns the probes answered at once."""
         name = svc.service.name
         answered: list[tuple[tuple, probe.ProbeOutcome]] = []
@@ -94,12 +104,12 @@ class Executor:
                     try:
                         self.manager.set_weight(svc.service.key, backend, weight)
                     except (OSError, KeyError) as err:
-                        lines.append((logging.ERROR, "%s %s: cannot set weight %d: %s",
-                                      name, format_endpoint(backend), weight, err))
+                        lines.append(_line(logging.ERROR, "%s %s: cannot set weight %d: %s",
+                                           name, format_endpoint(backend), weight, err))
                     else:
                         self.weight_history[(svc.service.key, backend)].append((self._clock(), weight))
-                        lines.append((logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
-                                      weight, reason))
+                        lines.append(_line(logging.INFO, "%s %s: weight %d (%s)", name, format_endpoint(backend),
+                                           weight, reason))
                         if weight == 0:
                             self._rescue(svc, backend, lines)
                 case health.StartProbe(backend, timeout):
@@ -122,27 +132,31 @@ class Executor:
                     self.probes.add(task)
                     task.add_done_callback(self.probes.discard)
                 case health.Transition(backend, old, new, evidence):
-                    lines.append((logging.WARNING, "%s %s: %s -> %s: %s", name, format_endpoint(backend),
-                                  old, new, evidence))
+                    note = notify.TransitionNote(name, format_endpoint(backend), str(old), str(new), evidence)
+                    # The fields make the line searchable in the journal (journalctl IPVSLB_BACKEND=...).
+                    lines.append((logging.WARNING, "%s %s: %s -> %s: %s",
+                                  (name, note.backend, note.old, note.new, evidence), journal.transition_fields(note)))
+                    notes.append(note)
                 case health.QuarantineWithheld(backend, guard, evidence):
-                    lines.append((logging.WARNING, "%s %s: quarantine withheld by guard (%s): %s", name,
-                                  format_endpoint(backend), guard, evidence))
+                    lines.append(_line(logging.WARNING, "%s %s: quarantine withheld by guard (%s): %s", name,
+                                       format_endpoint(backend), guard, evidence))
                 case health.FreezeReported(_, reason):
-                    lines.append((logging.ERROR, "%s: quarantines frozen, suspecting this host's own path: %s",
-                                  name, reason))
+                    lines.append(_line(logging.ERROR, "%s: quarantines frozen, suspecting this host's own path: %s",
+                                       name, reason))
                 case health.FreezeLifted(_, reason):
-                    lines.append((logging.WARNING, "%s: quarantine freeze lifted: %s", name, reason))
+                    lines.append(_line(logging.WARNING, "%s: quarantine freeze lifted: %s", name, reason))
         return answered
 
-    def _rescue(self, svc: health.ServiceHealth, backend: tuple, lines: list[tuple]) -> None:
+    def _rescue(self, svc: health.ServiceHealth, backend: tuple, lines: list[Line]) -> None:
         """Free the connects stuck on a backend just set to weight 0 from their conntrack
         entries, so that IPVS moves them at their next SYN retransmit (ipvslb.conntrack)."""
         started = time.monotonic()
         freed = self.rescuer.rescue(svc.service.protocol, svc.service.key[1:], backend)
         if freed:
-            lines.append((logging.INFO, "%s %s: %d stuck connects freed from conntrack in %.1f ms (client ports %s), "
-                          "moved at their next SYN retransmit", svc.service.name, format_endpoint(backend), len(freed),
-                          (time.monotonic() - started) * 1000, " ".join(str(f.client[1]) for f in freed)))
+            lines.append(_line(logging.INFO, "%s %s: %d stuck connects freed from conntrack in %.1f ms "
+                               "(client ports %s), moved at their next SYN retransmit", svc.service.name,
+                               format_endpoint(backend), len(freed), (time.monotonic() - started) * 1000,
+                               " ".join(str(f.client[1]) for f in freed)))
 
     async def _probe(self, svc: health.ServiceHealth, backend: tuple, timeout: float,
                      started: probe.TcpProbe | None) -> None:
@@ -174,6 +188,10 @@ class Executor:
             task.cancel()
 
 
-def _emit(lines: list[tuple]) -> None:
-    for level, message, *args in lines:
-        log.log(level, message, *args)
+# A log line to write once the call's weights are out: level, format, its arguments, and
+# the record's extra attributes (journald fields) or None.
+Line = tuple[int, str, tuple, dict[str, str] | None]
+
+
+def _line(level: int, message: str, *args) -> Line:
+    return (level, message, args, None)

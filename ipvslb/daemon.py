@@ -17,14 +17,26 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ipvslb import (__version__, actions, config, conntrack, health, metrics, probe, status, systemd,
-                    udpwatch)
-from ipvslb import control, statedir
+from ipvslb import (
+    __version__,
+    actions,
+    config,
+    conntrack,
+    control,
+    health,
+    journal,
+    metrics,
+    notify,
+    probe,
+    statedir,
+    status,
+    systemd,
+    udpwatch,
+)
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Config, Service, format_endpoint
-from ipvslb.tracer import records
-from ipvslb.tracer import Tracer, TracerUnavailable
+from ipvslb.tracer import Tracer, TracerUnavailable, records
 
 log = logging.getLogger("ipvslb")
 
@@ -90,8 +102,11 @@ class Daemon:
         self._start_executor()
 
     def _start_executor(self) -> None:
+        s = self.cfg.settings
+        self.notifier = notify.Notifier(s.notify_command, s.notify_timeout, s.notify_concurrency)
         self.executor = actions.Executor(
-            self.manager, self.rescuer, self.prober, rng=self.rng, internal_error=self._internal_error,
+            self.manager, self.rescuer, self.prober, notifier=self.notifier, rng=self.rng,
+            internal_error=self._internal_error,
             current=lambda svc: self.health.get(svc.service.key) is svc, after_probe=self._schedule_tick)
 
     def _observed_weights(self, services: tuple[Service, ...]) -> dict[tuple, dict]:
@@ -447,6 +462,7 @@ class Daemon:
             "reloads": dict(self.reloads),
             "internal_errors": dict(self.internal_errors),
             "heartbeats": dict(self.heartbeats),
+            "notify": self.notifier.counters(),
             "last_reload_success": self.last_reload_success,
             "services": [self._service_snapshot(svc) for svc in self.health.values()],
         }
@@ -556,6 +572,9 @@ class Daemon:
             udp_watch.cancel()
             verify.cancel()
             self.executor.cancel()
+            # The hooks running now end (each is killed at settings.notify_timeout); the
+            # waiting ones are dropped.
+            await self.notifier.close()
             loop.remove_reader(self.tracer.fileno())
             if self._drain_handle is not None:
                 self._drain_handle.cancel()
@@ -641,22 +660,6 @@ async def _call(fn):
     return fn()
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    if os.environ.get("JOURNAL_STREAM"):
-        # journald reads the <priority> prefix and adds its own timestamps.
-        priorities = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-        class JournalFormatter(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return f"<{priorities.get(record.levelname, 6)}>{record.getMessage()}"
-
-        handler.setFormatter(JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
 def main(config_path: str) -> int:
     try:
         cfg = config.load(config_path)
@@ -664,7 +667,7 @@ def main(config_path: str) -> int:
         for line in err.messages:
             print(line, flush=True)
         return 1
-    setup_logging(cfg.settings.log_level)
+    journal.setup_logging(cfg.settings.log_level)
     try:
         asyncio.run(Daemon(config_path, cfg).run())
     except StartupError as err:

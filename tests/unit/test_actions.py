@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from ipvslb import actions, health, probe
+from ipvslb import actions, health, notify, probe
 from ipvslb.model import Backend, Service
 
 VIP = ipaddress.ip_address("10.90.0.1")
@@ -252,3 +252,43 @@ def test_a_udp_probe_that_raises_is_one_local_failure_and_counted(events):
     asyncio.run(main())
     assert errors == ["probe"]
     assert len(engine.fed) == 1 and not engine.fed[0].ok and engine.fed[0].local
+
+
+class Notifier:
+    def __init__(self, events: list):
+        self.events = events
+
+    def transition(self, note):
+        self.events.append(("notify", note))
+
+
+def test_a_transition_is_logged_with_its_journal_fields_then_told_to_the_notifier(events):
+    records = []
+    catcher = logging.Handler()
+    catcher.emit = records.append
+    logging.getLogger("ipvslb").addHandler(catcher)
+    change = health.Transition(A, health.State.SUSPECT, health.State.QUARANTINED, "refused twice")
+
+    async def main():
+        ex = executor(events, notifier=Notifier(events))
+        ex.act(Engine(), [change, health.SetWeight(A, 0, "quarantined")])
+        assert [e[0] for e in events] == ["weight", "rescue"]   # hooks and lines wait for the weights
+        await asyncio.sleep(0)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("ipvslb").removeHandler(catcher)
+    note = notify.TransitionNote("web", "10.77.0.1:80", "suspect", "quarantined", "refused twice")
+    assert [e[0] for e in events] == ["weight", "rescue", "log", "log", "notify"]
+    assert events[-1] == ("notify", note)
+    (line,) = [r for r in records if "->" in r.getMessage()]
+    assert line.getMessage() == "web 10.77.0.1:80: suspect -> quarantined: refused twice"
+    assert {k: getattr(line, k) for k in ("IPVSLB_SERVICE", "IPVSLB_BACKEND", "IPVSLB_STATE", "IPVSLB_EVIDENCE")} == {
+        "IPVSLB_SERVICE": "web", "IPVSLB_BACKEND": "10.77.0.1:80", "IPVSLB_STATE": "quarantined",
+        "IPVSLB_EVIDENCE": "refused twice"}
+
+
+def test_without_a_loop_a_transition_is_logged_and_no_hook_is_started(events):
+    change = health.Transition(A, health.State.HEALTHY, health.State.SUSPECT, "reset")
+    executor(events, notifier=Notifier(events)).act(Engine(), [change])
+    assert [e[0] for e in events] == ["log"]

@@ -455,6 +455,15 @@ def test_a_second_daemon_on_the_same_state_dir_names_the_first_one(place, capsys
     statedir.lock(place.path / "state").close()
 
 
+def test_the_notify_hook_comes_from_the_settings_and_its_counters_reach_the_snapshot(place):
+    d, kernel, tracer = make(place, WEB, ", notify_command: [/bin/true, x], notify_timeout: 2, notify_concurrency: 3")
+    started(d)
+    assert d.executor.notifier is d.notifier
+    assert (d.notifier.argv, d.notifier.timeout, d.notifier.limit) == (("/bin/true", "x"), 2, 3)
+    d.notifier.dropped = 5
+    assert d.snapshot()["notify"] == {"failures": 0, "dropped": 5}
+
+
 def test_internal_errors_are_exported_per_task(place):
     from prometheus_client import generate_latest
 
