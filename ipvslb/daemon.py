@@ -395,6 +395,7 @@ class Daemon:
                 trial[svc.key].update_service(svc, now)
             else:
                 trial[svc.key] = current
+                continue  # its weights are held already: IPVS plans it from its cached specs
             for backend, weight in trial[svc.key].weights().items():
                 self.manager.hold_weight(svc.key, backend, weight)
         started = time.monotonic()
@@ -424,9 +425,10 @@ class Daemon:
         self.connect_times = collections.defaultdict(metrics.ConnectTimes, {
             (s.key, b.key): self.connect_times[(s.key, b.key)] for s in new.services for b in s.backends
             if (s.key, b.key) in self.connect_times})
+        changed = [svc for svc in new.services if trial[svc.key] is not self.health.get(svc.key)]
         self.health = kept
         self.cfg = new
-        for svc in new.services:
+        for svc in changed:
             self._hold_wanted_weights(svc)
         self._apply(routine=True, verify=False)  # what the trial missed (normally nothing)
         for held, decided in pending:
