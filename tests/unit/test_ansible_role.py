@@ -140,6 +140,13 @@ def test_a_changed_verify_interval_reaches_the_file():
     assert parsed.settings.ipvs_verify_interval == 120.0
 
 
+def test_a_notify_command_reaches_the_file_as_an_argv():
+    argv = ["/usr/local/bin/page", "--text", "backend's state: $IPVSLB_NEW_STATE"]
+    settings = config.parse(render({"ipvslb_notify_command": argv, "ipvslb_notify_timeout": 2,
+                                    "ipvslb_notify_concurrency": 1, "ipvslb_services": []})).settings
+    assert (settings.notify_command, settings.notify_timeout, settings.notify_concurrency) == (tuple(argv), 2.0, 1)
+
+
 def test_a_binary_udp_probe_payload_survives_the_template():
     payload = "\x00\x01ping\xff"
     services = [{"name": "dns", "protocol": "udp", "vip": "10.255.0.2", "port": 5353,
