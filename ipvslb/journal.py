@@ -52,7 +52,11 @@ def journal_handler(sender: Callable | None = None) -> logging.Handler | None:
         from systemd.journal import JournalHandler, send
     except ImportError:
         return None
-    return JournalHandler(sender_function=sender or send, SYSLOG_IDENTIFIER=IDENTIFIER)
+    handler = JournalHandler(sender_function=sender or send, SYSLOG_IDENTIFIER=IDENTIFIER)
+    # The message alone (journald has the priority and the time); without a formatter of its
+    # own, logging.basicConfig would give it "LEVEL:logger:" in front.
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
 
 
 def make_handler(journal: bool, sender: Callable | None = None) -> logging.Handler:

@@ -94,6 +94,11 @@ def test_setup_logging_picks_the_handler_from_journal_stream(monkeypatch, under_
         (handler,) = root.handlers
         assert isinstance(handler, JournalHandler) == under_systemd
         assert root.level == logging.DEBUG
+        record = logging.LogRecord("ipvslb", logging.WARNING, __file__, 1, "%s down", ("api",), None)
+        if under_systemd:  # journald has the priority and the time
+            assert handler.format(record) == "api down"
+        else:
+            assert handler.format(record).endswith(" WARNING api down")
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
