@@ -2,9 +2,13 @@
 named in JOURNAL_STREAM; the fields of a transition reach journald through `extra`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +106,56 @@ def test_setup_logging_picks_the_handler_from_journal_stream(monkeypatch, under_
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+JOURNALD = Path("/lib/systemd/systemd-journald")
+# A journald of its own in a private mount namespace (tmpfs over its sockets and files, the
+# host's journal untouched); the logging process's stderr is a journal stream, with
+# JOURNAL_STREAM naming it as systemd does for a unit.
+REAL_JOURNAL = r"""
+set -eu
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/journal /run/log/journal
+if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
+"$JOURNALD" >/dev/null 2>&1 &
+journald=$!
+trap 'kill $journald' EXIT
+for _ in $(seq 100); do [ -S /run/systemd/journal/stdout ] && break; sleep 0.05; done
+systemd-cat -t ipvslb-test "$PYTHON" -c "$PROGRAM"
+for _ in $(seq 100); do
+  out=$(journalctl --no-pager -o json IPVSLB_BACKEND=10.0.1.11:8443)
+  [ -n "$out" ] && break
+  sleep 0.05
+done
+printf "%s\n" "$out"
+"""
+PROGRAM = """
+import logging, os
+st = os.fstat(2)
+os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+from ipvslb import journal
+from ipvslb.notify import TransitionNote
+journal.setup_logging("info")
+note = TransitionNote("api", "10.0.1.11:8443", "healthy", "quarantined", "RST in SYN_SENT (refused)")
+logging.getLogger("ipvslb").warning("%s %s: %s -> %s: %s", note.service, note.backend, note.old, note.new,
+                                    note.evidence, extra=journal.transition_fields(note))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not JOURNALD.exists() or not shutil.which("unshare")
+                    or not shutil.which("systemd-cat"), reason="needs root, unshare and systemd-journald")
+def test_a_real_journald_stores_the_fields_and_journalctl_finds_the_backend(tmp_path):
+    env = {**os.environ, "JOURNALD": str(JOURNALD), "PYTHON": sys.executable, "PROGRAM": PROGRAM,
+           "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", REAL_JOURNAL],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    (entry,) = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+    assert entry["MESSAGE"] == "api 10.0.1.11:8443: healthy -> quarantined: RST in SYN_SENT (refused)"
+    assert {k: entry[k] for k in entry if k.startswith("IPVSLB_")} == {
+        "IPVSLB_SERVICE": "api", "IPVSLB_BACKEND": "10.0.1.11:8443", "IPVSLB_STATE": "quarantined",
+        "IPVSLB_EVIDENCE": "RST in SYN_SENT (refused)"}
+    assert (entry["PRIORITY"], entry["SYSLOG_IDENTIFIER"], entry["_TRANSPORT"]) == ("4", "ipvslb", "journal")
+    # The record's own attributes (msg, args, levelname...) are not valid field names: dropped.
+    assert not [k for k in entry if k.islower()]
