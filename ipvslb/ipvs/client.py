@@ -224,7 +224,7 @@ class IPVS:
     def _dump(self, cmd: int, attrs: bytes, parse: Callable) -> list:
         seq = next(self._seq)
         self._sock.send(codec.message(self._family, cmd, codec.NLM_F_REQUEST | codec.NLM_F_DUMP, seq, attrs))
-        out = []
+        out: list = []
         while True:
             for kind, mseq, payload, end in self._receive():
                 if mseq != seq:

@@ -41,6 +41,8 @@ class Snapshot:
             elif op.kind is OpKind.DELETE_SERVICE:
                 self.services.pop(key, None)
                 self.dests.pop(key, None)
+            elif op.dest is None:
+                raise ValueError(f"{op.kind.value} without a destination")
             elif op.kind is OpKind.DELETE_DEST:
                 self.dests.get(key, {}).pop(op.dest.key, None)
             else:
