@@ -248,7 +248,7 @@ class Daemon:
         found = health.evidence_from(event)
         if event.kind is records.Kind.UNREACHABLE and event.backend is not None:
             # Only the backend's own ICMP reaches this record (the tracer never reports
-            # IPVS's), so it is the hard failure health.py's contract allows.
+            # IPVS's), so it is the hard failure health/engine.py's contract allows.
             found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
         if svc is not None and found is not None:
             if isinstance(found, health.Established) and found.connect_time is not None:
@@ -300,8 +300,8 @@ class Daemon:
             self._tick_handle = asyncio.get_running_loop().call_at(min(deadlines), self._tick)
 
     async def _watch_udp(self) -> None:
-        """Feed UDP services with evidence from IPVS's packet counters, read `udpwatch.STEPS`
-        times per reply window (the shortest of the services')."""
+        """Feed UDP services with evidence from their packet counts (the tracer's, else IPVS's),
+        read `udpwatch.STEPS` times per reply window (the shortest of the services')."""
         watches: dict[tuple, udpwatch.ReplyWatch] = {}
         while True:
             udp = [svc for svc in self.health.values()
@@ -312,14 +312,20 @@ class Daemon:
                     watches[svc.service.key] = udpwatch.ReplyWatch(window)
             await asyncio.sleep(min((watches[svc.service.key].interval for svc in udp), default=0.25))
             now = time.monotonic()
+            # The tracer's counts are current; IPVS's lag its 2 s estimator (udpwatch).
+            counted = self.tracer.udp_counts() if udp and self.tracer.udp_counting else None
             for svc in udp:
-                try:
-                    dests = self.manager.ipvs.dests(service_spec(svc.service), stats=True)
-                except OSError as err:
-                    log.debug("%s: no UDP counters: %s", svc.service.name, err)
-                    continue
-                current = {(ip(d.spec.address), d.spec.port): (d.stats.inpkts, d.stats.outpkts)
-                           for d in dests if d.stats is not None}
+                if counted is not None:
+                    vip = (svc.service.vip, svc.service.port)
+                    current = {b.key: counted.get((vip, b.key), (0, 0)) for b in svc.service.backends}
+                else:
+                    try:
+                        dests = self.manager.ipvs.dests(service_spec(svc.service), stats=True)
+                    except OSError as err:
+                        log.debug("%s: no UDP counters: %s", svc.service.name, err)
+                        continue
+                    current = {(ip(d.spec.address), d.spec.port): (d.stats.inpkts, d.stats.outpkts)
+                               for d in dests if d.stats is not None}
                 for evidence in watches[svc.service.key].judge(current, now):
                     self.executor.act(svc, svc.feed(evidence, now))
             self._schedule_tick()
@@ -516,9 +522,10 @@ class Daemon:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         self._open_kernel()
-        log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s, UDP unreachables: %s",
-                 __version__, self.tracer.compile_seconds, self.tracer.attribution,
-                 "traced" if self.tracer.udp_unreachables else "not traced (no kprobes)")
+        log.info("ipvslb %s: tracer compiled in %.1f s, backend attribution: %s, UDP unreachables: %s, "
+                 "UDP replies: %s", __version__, self.tracer.compile_seconds, self.tracer.attribution,
+                 "traced" if self.tracer.udp_unreachables else "not traced (no kprobes)",
+                 "counted by the tracer" if self.tracer.udp_counting else "IPVS's counters (2 s late)")
         # After the compile (seconds of CPU that should not outrank the host's own work) and
         # before the status and metrics threads start (threads inherit it).
         set_nice(self.cfg.settings.nice)
