@@ -9,9 +9,10 @@ from ipvslb.tracer.records import Kind
 def record(kind, family=2, caddr=b"\x0a\x5a\x00\x01", baddr=b"\x0a\x4d\x01\x02", bfamily=2, protocol=6,
            icmp_code=0):
     """One record as it sits in the ring buffer: 8-byte header (length, page offset), then the record."""
-    return records.RECORD.size.to_bytes(4, "little") + bytes(4) + records.RECORD.pack(1_500_000_000, 0xFFFF0001, 250_000_000, caddr.ljust(16, b"\0"),
-                              caddr.ljust(16, b"\0"), baddr.ljust(16, b"\0"), 40000, 80, 8080, 1,
-                              kind, family, protocol, bfamily, icmp_code)
+    header = records.RECORD.size.to_bytes(4, "little") + bytes(4)
+    return header + records.RECORD.pack(1_500_000_000, 0xFFFF0001, 250_000_000, caddr.ljust(16, b"\0"),
+                                        caddr.ljust(16, b"\0"), baddr.ljust(16, b"\0"), 40000, 80, 8080, 1,
+                                        kind, family, protocol, bfamily, icmp_code)
 
 
 def test_decode_reads_every_field_of_an_ipv4_record():
@@ -60,7 +61,8 @@ def test_a_record_of_a_kind_the_decoder_does_not_know_is_refused():
 def test_consecutive_slots_decode_in_order_and_share_address_objects():
     v6 = ipaddress.ip_address("fd90::1").packed
     kinds = [Kind.CONNECT, Kind.ESTABLISHED, Kind.RESET]
-    decoded = records.decode_slots(record(kinds[0]) + record(kinds[1]) + record(kinds[2], family=10, caddr=v6, bfamily=0))
+    decoded = records.decode_slots(record(kinds[0]) + record(kinds[1])
+                                   + record(kinds[2], family=10, caddr=v6, bfamily=0))
     assert [e.kind for e in decoded] == kinds
     assert decoded[2].client[0] == ipaddress.ip_address("fd90::1") and decoded[2].backend is None
     assert decoded[0].client[0] is decoded[1].client[0]
