@@ -182,7 +182,7 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     try:
         doc = status.fetch(args.socket)
-        text = json.dumps(doc, indent=2) if args.json else status.render(doc)
+        text = json.dumps(doc, indent=2) if args.json else status.render(status.parse(doc))
     except OSError as err:
         print(f"ipvslb: cannot reach the daemon at {args.socket}: {err.strerror or err}. Is `ipvslb run` running?",
               file=sys.stderr)

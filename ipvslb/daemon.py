@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import dataclasses
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ from ipvslb import (
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Config, Service, format_endpoint
+from ipvslb.snapshot import NotifyCounts, ReconcileCounts, ServiceSnapshot, Snapshot
 from ipvslb.tracer import Tracer, TracerUnavailable, records
 
 log = logging.getLogger("ipvslb")
@@ -455,37 +457,40 @@ class Daemon:
 
     # -- status --------------------------------------------------------------------------
 
-    def snapshot(self) -> dict:
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "now": time.monotonic(),
-            "started": self.started,
-            "attribution": self.tracer.attribution,
-            "lost_records": self.tracer.lost_records(),
-            "missed_runs": self.tracer.missed_runs(),
-            "records": dict(self.records),
-            "counted_successes": self.counted_successes,
-            "reconcile": vars(self.reconcile),
-            "reloads": dict(self.reloads),
-            "internal_errors": dict(self.internal_errors),
-            "heartbeats": dict(self.heartbeats),
-            "notify": self.notifier.counters(),
-            "last_reload_success": self.last_reload_success,
-            "services": [self._service_snapshot(svc) for svc in self.health.values()],
-        }
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            version=__version__,
+            pid=os.getpid(),
+            now=time.monotonic(),
+            started=self.started,
+            attribution=self.tracer.attribution,
+            lost_records=self.tracer.lost_records(),
+            missed_runs=self.tracer.missed_runs(),
+            records=dict(self.records),
+            counted_successes=self.counted_successes,
+            reconcile=ReconcileCounts(self.reconcile.runs, self.reconcile.writes, self.reconcile.last_seconds),
+            reloads=dict(self.reloads),
+            internal_errors=dict(self.internal_errors),
+            heartbeats=dict(self.heartbeats),
+            notify=NotifyCounts(**self.notifier.counters()),
+            last_reload_success=self.last_reload_success,
+            services=tuple(self._service_snapshot(svc) for svc in self.health.values()),
+        )
 
-    def _service_snapshot(self, svc: health.ServiceHealth) -> dict:
+    def _service_snapshot(self, svc: health.ServiceHealth) -> ServiceSnapshot:
         doc = svc.snapshot()
         keys = {format_endpoint(b.key): b.key for b in svc.service.backends}
         history = self.executor.weight_history
-        for row in doc["backends"]:
-            row["weight_history"] = list(history.get((svc.service.key, keys.get(row["endpoint"])), ()))
-            if hist := self.connect_times.get((svc.service.key, keys.get(row["endpoint"]))):
-                row["connect_seconds"] = hist.snapshot()
-            if (svc.service.key, keys.get(row["endpoint"])) in self.manager.drains:
-                row["drained"], row["weight"] = True, 0   # health's state goes on; IPVS has 0
-        return doc
+        rows = []
+        for row in doc.backends:
+            key = (svc.service.key, keys.get(row.endpoint))
+            row = dataclasses.replace(row, weight_history=tuple(history.get(key, ())))
+            if hist := self.connect_times.get(key):
+                row = dataclasses.replace(row, connect_seconds=hist.snapshot())
+            if key in self.manager.drains:
+                row = dataclasses.replace(row, drained=True, weight=0)   # health's state goes on; IPVS has 0
+            rows.append(row)
+        return dataclasses.replace(doc, backends=tuple(rows))
 
     def _control(self, data: bytes) -> dict:
         """A request on the control socket (ipvslb.control), answered."""
@@ -601,7 +606,7 @@ class Daemon:
 
         host, _, port = address.rpartition(":")
 
-        def snapshot_from_loop() -> dict:
+        def snapshot_from_loop() -> Snapshot:
             # Scrapes run in prometheus_client's thread; the state belongs to the loop.
             return asyncio.run_coroutine_threadsafe(_call(self._metrics_snapshot), loop).result(timeout=5)
 
@@ -610,12 +615,12 @@ class Daemon:
 
     def _status_snapshot(self) -> dict:
         try:
-            return self.snapshot()
+            return self.snapshot().to_json()
         except Exception as err:
             self._internal_error("status", err)
             return {"error": f"internal error: {err!r}"}
 
-    def _metrics_snapshot(self) -> dict:
+    def _metrics_snapshot(self) -> Snapshot:
         try:
             return self.snapshot()
         except Exception as err:

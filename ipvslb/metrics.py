@@ -11,14 +11,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ipvslb import __version__
+from ipvslb.snapshot import ConnectSeconds, Snapshot
 
 STATES = ("healthy", "suspect", "quarantined", "probing", "ramping", "disabled")
-BACKEND_COUNTERS = {
+BACKEND_COUNTERS: dict[str, tuple[str, str]] = {
     "successes": ("ipvslb_backend_connects_established_total", "Connects to the backend that completed."),
     "quarantines": ("ipvslb_backend_quarantines_total", "Times the backend was taken out of rotation."),
 }
-FAILURE_CLASSES = ("hard", "soft")
-PROBE_RESULTS = ("ok", "failed")
 RELOAD_OUTCOMES = ("ok", "failed")
 # The daemon's long-lived tasks (ipvslb.daemon, Daemon._internal_error).
 INTERNAL_TASKS = ("tick", "evidence", "probe", "verify", "udp_watch", "reload", "status", "metrics")
@@ -46,16 +45,16 @@ class ConnectTimes:
         self._counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
         self.sum += seconds
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> ConnectSeconds:
         cumulative, total = [], 0
         for count in self._counts:
             total += count
             cumulative.append(total)
-        return {"buckets": cumulative, "sum": self.sum}
+        return ConnectSeconds(tuple(cumulative), self.sum)
 
 
 class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict]):
+    def __init__(self, snapshot: Callable[[], Snapshot]):
         self._snapshot = snapshot
 
     def collect(self) -> Iterator:
@@ -74,23 +73,24 @@ class SnapshotCollector(Collector):
         counters = {k: CounterMetricFamily(name.removesuffix("_total"), doc_, labels=labels)
                     for k, (name, doc_) in BACKEND_COUNTERS.items()}
         frozen = GaugeMetricFamily("ipvslb_service_frozen",
-                                   "1 while quarantines are frozen: the evidence says this host has no path to the backends.", labels=["service"])
-        for svc in doc.get("services", []):
-            frozen.add_metric([svc["name"]], float(bool(svc.get("frozen"))))
-            for b in svc.get("backends", []):
-                lv = [svc["name"], b["endpoint"]]
-                c = b.get("counters", {})
+                                   "1 while quarantines are frozen: the evidence says this host has no path to the "
+                                   "backends.", labels=["service"])
+        for svc in doc.services:
+            frozen.add_metric([svc.name], float(svc.frozen))
+            for b in svc.backends:
+                lv = [svc.name, b.endpoint]
+                c = b.counters
                 for s in STATES:
-                    state.add_metric([*lv, s], float(b["state"] == s))
-                weight.add_metric(lv, b["weight"])
-                configured.add_metric(lv, b["configured_weight"])
-                drained.add_metric(lv, float(bool(b.get("drained"))))
-                for cls in FAILURE_CLASSES:
-                    failures.add_metric([*lv, cls], c.get(f"{cls}_failures", 0))
-                for result in PROBE_RESULTS:
-                    probes.add_metric([*lv, result], c.get(f"probes_{result}", 0))
+                    state.add_metric([*lv, s], float(b.state == s))
+                weight.add_metric(lv, b.weight)
+                configured.add_metric(lv, b.configured_weight)
+                drained.add_metric(lv, float(b.drained))
+                failures.add_metric([*lv, "hard"], c.hard_failures)
+                failures.add_metric([*lv, "soft"], c.soft_failures)
+                probes.add_metric([*lv, "ok"], c.probes_ok)
+                probes.add_metric([*lv, "failed"], c.probes_failed)
                 for key, family in counters.items():
-                    family.add_metric(lv, c.get(key, 0))
+                    family.add_metric(lv, getattr(c, key))
         yield from (state, weight, configured, drained, failures, probes, *counters.values(), frozen)
         yield _connect_seconds(doc)
 
@@ -102,66 +102,63 @@ class SnapshotCollector(Collector):
                                       "a file refused, or a change IPVS or the tracer refused and that was "
                                       "taken back; the configuration in force stays.", labels=["outcome"])
         for outcome in RELOAD_OUTCOMES:
-            reloads.add_metric([outcome], doc.get("reloads", {}).get(outcome, 0))
+            reloads.add_metric([outcome], doc.reloads.get(outcome, 0))
         yield reloads
         internal = CounterMetricFamily("ipvslb_internal_errors", "Exceptions a long-lived task of the daemon caught "
                                        "and carried past, by task: a bug, whose traceback is in the log.",
                                        labels=["task"])
         for task in INTERNAL_TASKS:
-            internal.add_metric([task], doc.get("internal_errors", {}).get(task, 0))
+            internal.add_metric([task], doc.internal_errors.get(task, 0))
         yield internal
-        notify = doc.get("notify", {})  # ipvslb.notify.Notifier.counters()
         for key, text in NOTIFY_COUNTERS.items():
             family = CounterMetricFamily(f"ipvslb_notify_{key}", text)
-            family.add_metric([], notify.get(key, 0))
+            family.add_metric([], getattr(doc.notify, key))
             yield family
-        if doc.get("last_reload_success") is not None:
-            last = GaugeMetricFamily("ipvslb_last_reload_success_timestamp_seconds",
-                                     "Unix time the configuration in force was loaded (start or reload).")
-            last.add_metric([], doc["last_reload_success"])
-            yield last
+        last = GaugeMetricFamily("ipvslb_last_reload_success_timestamp_seconds",
+                                 "Unix time the configuration in force was loaded (start or reload).")
+        last.add_metric([], doc.last_reload_success)
+        yield last
 
         lost = CounterMetricFamily("ipvslb_tracer_lost_records", "Tracer records lost to a full ring buffer.")
-        lost.add_metric([], doc.get("lost_records", 0))
+        lost.add_metric([], doc.lost_records)
         yield lost
         missed = CounterMetricFamily("ipvslb_tracer_missed_runs",
                                      "Tracer program runs the kernel skipped because another tracing "
                                      "program was running on that CPU.")
-        missed.add_metric([], doc.get("missed_runs", 0))
+        missed.add_metric([], doc.missed_runs)
         yield missed
         events = CounterMetricFamily("ipvslb_tracer_records", "Tracer records received, by kind.", labels=["kind"])
-        for kind, count in doc.get("records", {}).items():
+        for kind, count in doc.records.items():
             events.add_metric([kind], count)
         yield events
         counted = CounterMetricFamily("ipvslb_tracer_counted_connects",
                                       "Connects established that the tracer counted without records "
                                       "(not timed: see settings.tracer.sample_interval).")
-        counted.add_metric([], doc.get("counted_successes", 0))
+        counted.add_metric([], doc.counted_successes)
         yield counted
-        reconcile = doc.get("reconcile", {})
         runs = CounterMetricFamily("ipvslb_reconcile_runs", "IPVS reconciliations run.")
-        runs.add_metric([], reconcile.get("runs", 0))
+        runs.add_metric([], doc.reconcile.runs)
         writes = CounterMetricFamily("ipvslb_reconcile_writes", "Netlink writes made by reconciliations.")
-        writes.add_metric([], reconcile.get("writes", 0))
+        writes.add_metric([], doc.reconcile.writes)
         seconds = GaugeMetricFamily("ipvslb_reconcile_last_duration_seconds", "Duration of the last reconciliation.")
-        seconds.add_metric([], reconcile.get("last_seconds", 0.0))
+        seconds.add_metric([], doc.reconcile.last_seconds)
         yield from (runs, writes, seconds)
 
 
-def _connect_seconds(doc: dict) -> HistogramMetricFamily:
+def _connect_seconds(doc: Snapshot) -> HistogramMetricFamily:
     family = HistogramMetricFamily("ipvslb_backend_connect_seconds",
                                    "Timed client connects by the backend that answered: from the client's "
                                    "SYN to the SYN-ACK.", labels=["service", "backend"])
     bounds = [*(str(b) for b in CONNECT_BUCKETS), "+Inf"]
-    for svc in doc.get("services", []):
-        for b in svc.get("backends", []):
-            hist = b.get("connect_seconds")
-            if hist:
-                family.add_metric([svc["name"], b["endpoint"]], list(zip(bounds, hist["buckets"])), hist["sum"])
+    for svc in doc.services:
+        for b in svc.backends:
+            if b.connect_seconds is not None:
+                family.add_metric([svc.name, b.endpoint], list(zip(bounds, b.connect_seconds.buckets, strict=True)),
+                                  b.connect_seconds.sum)
     return family
 
 
-def registry_for(snapshot: Callable[[], dict]) -> CollectorRegistry:
+def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
     """The snapshot's metrics, plus prometheus_client's standard process_* (CPU, memory, file
     descriptors) and python_* (interpreter, garbage collector) collectors."""
     registry = CollectorRegistry()

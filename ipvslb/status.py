@@ -7,9 +7,10 @@ import json
 import os
 import socket
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ipvslb.snapshot import Snapshot, SnapshotError
 
 # An answer larger than this is not from ipvslb (a daemon with 10 000 backends sends a few MB).
 MAX_ANSWER_BYTES = 64 << 20
@@ -115,36 +116,37 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(doc: dict) -> str:
-    """The human table: one block per service, one row per backend. StatusError when the
-    document lacks what the table needs (a daemon of another version, or not ipvslb)."""
+def parse(doc: dict) -> Snapshot:
+    """The snapshot a status document (from `fetch`) describes. StatusError naming the key
+    when it is not what this version sends (a daemon of another version, or not ipvslb)."""
+    if set(doc) == {"error"}:   # the daemon could not build its snapshot (Daemon._status_snapshot)
+        raise StatusError(f"the daemon reported: {doc['error']}")
     try:
-        return _render(doc)
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
-        raise StatusError(f"not a status document: {type(err).__name__} {err}") from None
+        return Snapshot.from_json(doc)
+    except SnapshotError as err:
+        raise StatusError(f"not a status document: {err}") from None
 
 
-def _render(doc: dict) -> str:
-    now = doc.get("now", time.monotonic())
-    lines = [f"ipvslb {doc.get('version', '?')} pid {doc.get('pid', '?')}, attribution: "
-             f"{doc.get('attribution', '?')}, lost tracer records: {doc.get('lost_records', 0)}, "
-             f"skipped tracer runs: {doc.get('missed_runs', 0)}, "
-             f"connects counted without records: {doc.get('counted_successes', 0)}"]
+def render(snap: Snapshot) -> str:
+    """The human table: one block per service, one row per backend."""
+    now = snap.now
+    lines = [f"ipvslb {snap.version} pid {snap.pid}, attribution: {snap.attribution}, "
+             f"lost tracer records: {snap.lost_records}, skipped tracer runs: {snap.missed_runs}, "
+             f"connects counted without records: {snap.counted_successes}"]
     header = ("BACKEND", "STATE", "WEIGHT", "SINCE", "OK", "HARD", "SOFT", "QUAR", "LAST EVIDENCE")
-    for svc in doc.get("services", []):
-        freeze = f"  [FROZEN: {svc.get('freeze_reason') or 'this host has no path'}]" if svc.get("frozen") else ""
+    for svc in snap.services:
+        freeze = f"  [FROZEN: {svc.freeze_reason or 'this host has no path'}]" if svc.frozen else ""
         lines.append("")
-        lines.append(f"{svc['name']}  {svc['protocol']} {svc['vip']}{freeze}")
+        lines.append(f"{svc.name}  {svc.protocol} {svc.vip}{freeze}")
         rows = [header]
-        for b in svc.get("backends", []):
-            c = b.get("counters", {})
+        for b in svc.backends:
+            c = b.counters
             # Drained: health's state goes on, IPVS has weight 0 until `ipvslb undrain`.
-            state = f"{b['state']} (drained)" if b.get("drained") else b["state"]
-            rows.append((b["endpoint"], state, f"{b['weight']}/{b['configured_weight']}",
-                         _ago(b.get("since"), now), str(c.get("successes", 0)), str(c.get("hard_failures", 0)),
-                         str(c.get("soft_failures", 0)), str(c.get("quarantines", 0)),
-                         b.get("last_evidence") or "-"))
+            state = f"{b.state} (drained)" if b.drained else str(b.state)
+            rows.append((b.endpoint, state, f"{b.weight}/{b.configured_weight}", _ago(b.since, now),
+                         str(c.successes), str(c.hard_failures), str(c.soft_failures), str(c.quarantines),
+                         b.last_evidence or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         for r in rows:
-            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     return "\n".join(lines)

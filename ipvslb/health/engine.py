@@ -120,13 +120,13 @@ from ipvslb.health.guards import MAX_PEER_CHECKS, Confirmed, Verdict, out_togeth
 from ipvslb.health.states import OUT_OF_ROTATION, Event, State, next_state
 from ipvslb.health.types import (
     Action,
+    CheckResult,
     ClosedInSynSent,
     ConnectStarted,
     Established,
     Evidence,
     FreezeLifted,
     FreezeReported,
-    CheckResult,
     ProbeResult,
     QuarantineWithheld,
     ResetInSynSent,
@@ -140,6 +140,7 @@ from ipvslb.health.types import (
     UdpUnreachable,
 )
 from ipvslb.model import Endpoint, HealthSettings, format_endpoint
+from ipvslb.snapshot import BackendCounters, BackendSnapshot, ServiceSnapshot
 
 # Linux's TCP_TIMEOUT_INIT: when the first SYN retransmit happens.
 INITIAL_SYN_TIMEOUT = 1.0
@@ -224,17 +225,17 @@ class ServiceHealth:
                 candidates.append(b.probation_until)
         return min(candidates, default=None)
 
-    def snapshot(self) -> dict:
-        """Plain data for `ipvslb status` and the metrics collector."""
+    def snapshot(self) -> ServiceSnapshot:
+        """For `ipvslb status` and the metrics collector (the daemon adds what it knows)."""
         svc = self._service
-        return {
-            "name": svc.name,
-            "protocol": svc.protocol,
-            "vip": format_endpoint((svc.vip, svc.port)),
-            "frozen": self._frozen,
-            "freeze_reason": self._freeze_reason if self._frozen else None,
-            "backends": [self._backend_snapshot(b) for b in self._backends.values()],
-        }
+        return ServiceSnapshot(
+            name=svc.name,
+            protocol=svc.protocol,
+            vip=format_endpoint((svc.vip, svc.port)),
+            frozen=self._frozen,
+            freeze_reason=self._freeze_reason if self._frozen else None,
+            backends=tuple(self._backend_snapshot(b) for b in self._backends.values()),
+        )
 
     # -- public inputs --
 
@@ -904,26 +905,26 @@ class ServiceHealth:
 
     # -- status --
 
-    def _backend_snapshot(self, b: BackendHealth) -> dict:
-        return {
-            "endpoint": format_endpoint(b.key),
-            "address": str(b.config.address),
-            "port": b.config.port,
-            "state": str(b.state),
-            "weight": b.weight,
-            "configured_weight": b.config.weight,
-            "since": b.since,
-            "last_evidence": b.last_evidence,
-            "last_evidence_at": b.last_evidence_at,
-            "last_success_at": b.last_success_at,
-            "withheld": b.withheld,
-            "failure_streak": b.streak,
-            "probe_outstanding": b.probe_outstanding,
-            "next_probe_at": b.next_probe_at,
-            "backoff": b.backoff,
-            "probation_until": b.probation_until,
-            "connect_p99": b.history.p99(),
-            "connect_deadline": self._connect_deadline(b),
-            "counters": dict(b.counters),
-            "transitions": dict(b.transitions),
-        }
+    def _backend_snapshot(self, b: BackendHealth) -> BackendSnapshot:
+        return BackendSnapshot(
+            endpoint=format_endpoint(b.key),
+            address=str(b.config.address),
+            port=b.config.port,
+            state=b.state,
+            weight=b.weight,
+            configured_weight=b.config.weight,
+            since=b.since,
+            last_evidence=b.last_evidence,
+            last_evidence_at=b.last_evidence_at,
+            last_success_at=b.last_success_at,
+            withheld=b.withheld,
+            failure_streak=b.streak,
+            probe_outstanding=b.probe_outstanding,
+            next_probe_at=b.next_probe_at,
+            backoff=b.backoff,
+            probation_until=b.probation_until,
+            connect_p99=b.history.p99(),
+            connect_deadline=self._connect_deadline(b),
+            counters=BackendCounters(**b.counters),
+            transitions=dict(b.transitions),
+        )

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ipvslb import cli, control, status
 from ipvslb.ipvs.specs import DestSpec, KernelDest
 from ipvslb.model import Backend, Service
+from tests.unit import snapshots
 
 ip = ipaddress.ip_address
 WEB = Service("web", "tcp", ip("10.90.0.1"), 80,
@@ -343,9 +345,9 @@ def test_timeout_needs_wait(server, capsys):
 
 
 def test_status_marks_drained_backends():
-    doc = {"now": 10.0, "services": [{"name": "web", "protocol": "tcp", "vip": "10.90.0.1:80", "backends": [
-        {"endpoint": "10.77.2.2:8080", "state": "healthy", "weight": 0, "configured_weight": 5, "drained": True},
-        {"endpoint": "10.77.1.2:8080", "state": "healthy", "weight": 1, "configured_weight": 1}]}]}
+    doc = snapshots.snapshot([snapshots.service("web", vip="10.90.0.1:80", backends=[
+        snapshots.backend("10.77.2.2:8080", weight=0, configured_weight=5, drained=True),
+        snapshots.backend("10.77.1.2:8080", weight=1, configured_weight=1)])], now=10.0)
     rows = {line.split()[0]: line for line in status.render(doc).splitlines() if line.startswith("  10.")}
     assert "healthy (drained)  0/5" in rows["10.77.2.2:8080"]
     assert "drained" not in rows["10.77.1.2:8080"]

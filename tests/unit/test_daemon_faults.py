@@ -23,6 +23,7 @@ import pytest
 from ipvslb import config, daemon, health, statedir, systemd
 from ipvslb.ipvs import Manager, messages
 from ipvslb.ipvs.client import IPVS
+from ipvslb.snapshot import NotifyCounts
 from ipvslb.tracer.records import ConnEvent, Kind
 from tests.unit.fake_ipvs import FAMILY, FakeKernel
 from tests.unit.test_ipvs_manager import FakeVips
@@ -461,7 +462,7 @@ def test_the_notify_hook_comes_from_the_settings_and_its_counters_reach_the_snap
     assert d.executor.notifier is d.notifier
     assert (d.notifier.argv, d.notifier.timeout, d.notifier.limit) == (("/bin/true", "x"), 2, 3)
     d.notifier.dropped = 5
-    assert d.snapshot()["notify"] == {"failures": 0, "dropped": 5}
+    assert d.snapshot().notify == NotifyCounts(failures=0, dropped=5)
 
 
 def test_internal_errors_are_exported_per_task(place):

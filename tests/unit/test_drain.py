@@ -11,7 +11,7 @@ import pytest
 
 from ipvslb.drains import Drains
 from tests.unit.test_daemon_faults import place  # noqa: F401
-from tests.unit.test_ipvs_manager import B, DNS, WEB, FakeVips, sysctl_root, weights, world  # noqa: F401
+from tests.unit.test_ipvs_manager import DNS, WEB, B, FakeVips, sysctl_root, weights, world  # noqa: F401
 
 HEAVY = dataclasses.replace(B[2], weight=5)
 WEB5 = dataclasses.replace(WEB, backends=(B[1], HEAVY))
@@ -125,10 +125,11 @@ def test_an_unreadable_record_is_ignored_with_an_error(tmp_path, caplog):
 
 def test_the_drained_metric():
     from ipvslb import metrics
+    from tests.unit import snapshots
 
-    doc = {"services": [{"name": "web", "backends": [
-        {"endpoint": "10.77.2.2:8080", "state": "healthy", "weight": 0, "configured_weight": 5, "drained": True},
-        {"endpoint": "10.77.1.2:8080", "state": "healthy", "weight": 1, "configured_weight": 1}]}]}
+    doc = snapshots.snapshot([snapshots.service("web", backends=[
+        snapshots.backend("10.77.2.2:8080", weight=0, configured_weight=5, drained=True),
+        snapshots.backend("10.77.1.2:8080", weight=1, configured_weight=1)])])
     values = {tuple(s.labels.values()): s.value for family in metrics.SnapshotCollector(lambda: doc).collect()
               if family.name == "ipvslb_backend_drained" for s in family.samples}
     assert values == {("web", "10.77.2.2:8080"): 1.0, ("web", "10.77.1.2:8080"): 0.0}
@@ -152,7 +153,8 @@ def test_the_control_socket_setting():
 
 
 def test_the_daemon_serves_drains_shows_them_and_keeps_them_across_restart_and_reload(place, caplog):
-    from tests.unit.test_daemon_faults import WEB as WEB_YAML, make, started
+    from tests.unit.test_daemon_faults import WEB as WEB_YAML
+    from tests.unit.test_daemon_faults import make, started
 
     def request(d, command, backend="10.77.0.2:80"):
         return d._control(json.dumps({"command": command, "service": "web", "backend": backend}).encode())
@@ -161,9 +163,9 @@ def test_the_daemon_serves_drains_shows_them_and_keeps_them_across_restart_and_r
     started(d)
     answer = request(d, "drain")
     assert answer["ok"] and answer["drained"] and answer["weight"] == 0
-    rows = {r["endpoint"]: r for r in d.snapshot()["services"][0]["backends"]}
-    assert rows["10.77.0.2:80"]["drained"] is True and rows["10.77.0.2:80"]["weight"] == 0
-    assert rows["10.77.0.2:80"]["state"] == "healthy" and "drained" not in rows["10.77.0.1:80"]
+    rows = {r.endpoint: r for r in d.snapshot().services[0].backends}
+    assert rows["10.77.0.2:80"].drained is True and rows["10.77.0.2:80"].weight == 0
+    assert rows["10.77.0.2:80"].state == "healthy" and rows["10.77.0.1:80"].drained is False
     with pytest.raises(Exception, match='no service "db"'):
         d._control(json.dumps({"command": "drain", "service": "db", "backend": "10.77.0.2:80"}).encode())
 
@@ -172,8 +174,8 @@ def test_the_daemon_serves_drains_shows_them_and_keeps_them_across_restart_and_r
     again, _, _ = make(place, WEB_YAML)
     again._manager_factory = d._manager_factory
     started(again)
-    rows = {r["endpoint"]: r for r in again.snapshot()["services"][0]["backends"]}
-    assert rows["10.77.0.2:80"]["drained"] is True and rows["10.77.0.2:80"]["state"] == "healthy"
+    rows = {r.endpoint: r for r in again.snapshot().services[0].backends}
+    assert rows["10.77.0.2:80"].drained is True and rows["10.77.0.2:80"].state == "healthy"
     assert again.manager.apply(again.cfg.services, verify=True).writes == 0
 
     # A reload that keeps the backend keeps the drain; undrain gives the configured weight back.

@@ -8,13 +8,27 @@ import random
 import pytest
 
 from ipvslb import health, metrics, status
-from ipvslb.tracer.records import ConnEvent, Kind
 from ipvslb.health import (
-    ClosedInSynSent, ConnectStarted, Established, ProbeResult,
-    QuarantineWithheld, ResetInSynSent, ServiceHealth, SetWeight, StartProbe, State, Successes, SynRetransmit,
-    Transition, UdpNoReply, UdpReplied, UdpUnreachable,
+    ClosedInSynSent,
+    ConnectStarted,
+    Established,
+    ProbeResult,
+    QuarantineWithheld,
+    ResetInSynSent,
+    ServiceHealth,
+    SetWeight,
+    StartProbe,
+    State,
+    Successes,
+    SynRetransmit,
+    Transition,
+    UdpNoReply,
+    UdpReplied,
+    UdpUnreachable,
 )
 from ipvslb.model import Backend, HealthSettings, Service
+from ipvslb.tracer.records import ConnEvent, Kind
+from tests.unit import snapshots
 
 VIP = ipaddress.ip_address("10.90.0.1")
 
@@ -129,7 +143,7 @@ def test_successful_probe_clears_suspicion():
     actions = probe(h, A, True, 10.1, "connected")
     assert transitions(actions) == [(A, State.SUSPECT, State.HEALTHY)]
     assert only(actions, Transition)[0].evidence == "probe ok: connected"
-    assert h.snapshot()["backends"][0]["failure_streak"] == 0
+    assert h.snapshot().backends[0].failure_streak == 0
 
 
 def test_failed_probe_quarantines_a_refusing_backend():
@@ -139,7 +153,7 @@ def test_failed_probe_quarantines_a_refusing_backend():
     assert transitions(actions) == [(A, State.SUSPECT, State.QUARANTINED)]
     assert only(actions, SetWeight) == [SetWeight(A, 0, "quarantined: probe failed: ECONNREFUSED")]
     assert h.weights() == {A: 0, B: 10, C: 10}
-    assert h.snapshot()["backends"][0]["counters"]["quarantines"] == 1
+    assert h.snapshot().backends[0].counters.quarantines == 1
 
 
 def test_quarantine_weight_is_configurable():
@@ -185,9 +199,9 @@ def test_counted_successes_reset_the_streak_and_count_but_time_nothing():
     refuse(h, A, 10.3)
     refuse(h, A, 10.4)
     assert h.state(A) is State.SUSPECT  # 2 since the successes, threshold 3
-    row = h.snapshot()["backends"][0]
-    assert row["counters"]["successes"] == 5
-    assert row["connect_deadline"] is None  # counted connects carry no connect time
+    row = h.snapshot().backends[0]
+    assert row.counters.successes == 5
+    assert row.connect_deadline is None  # counted connects carry no connect time
 
 
 def test_a_counted_success_fed_after_a_later_failure_does_not_end_the_streak():
@@ -199,15 +213,15 @@ def test_a_counted_success_fed_after_a_later_failure_does_not_end_the_streak():
     assert h.feed(Successes(A, 4, 10.1), 10.3) == []
     actions = refuse(h, A, 10.4)
     assert (A, State.SUSPECT, State.QUARANTINED) in transitions(actions)  # 3 in a row
-    assert h.snapshot()["backends"][0]["counters"]["successes"] == 4
-    assert h.snapshot()["backends"][0]["last_success_at"] == 10.1
+    assert h.snapshot().backends[0].counters.successes == 4
+    assert h.snapshot().backends[0].last_success_at == 10.1
 
 
 def test_counted_successes_for_unknown_or_disabled_backends_are_ignored():
     h = make_engine(weights=[10, 10, 0])
     assert h.feed(Successes(D, 3, 1.0), 1.0) == []
     assert h.feed(Successes(C, 3, 1.0), 1.0) == []
-    assert [r["counters"]["successes"] for r in h.snapshot()["backends"]] == [0, 0, 0]
+    assert [r.counters.successes for r in h.snapshot().backends] == [0, 0, 0]
 
 
 def test_established_does_not_clear_suspicion_the_probe_decides():
@@ -226,7 +240,7 @@ def test_client_closing_in_syn_sent_is_ignored():
     assert h.feed(ClosedInSynSent(A, 900, 5.1), 5.1) == []
     assert h.tick(6.0) == []  # its deadline no longer applies
     assert h.state(A) is State.HEALTHY
-    assert h.snapshot()["backends"][0]["counters"]["client_closes_in_syn_sent"] == 1
+    assert h.snapshot().backends[0].counters.client_closes_in_syn_sent == 1
 
 
 # --- soft failures: SYN retransmit and the adaptive deadline ----------------------------
@@ -238,7 +252,7 @@ def test_first_syn_retransmit_is_a_soft_failure_without_history():
     actions = h.feed(SynRetransmit(A, 901, 6.0, 1), 6.0)
     assert transitions(actions) == [(A, State.HEALTHY, State.SUSPECT)]
     assert only(actions, Transition)[0].evidence == "first SYN retransmit"
-    assert h.snapshot()["backends"][0]["counters"]["soft_failures"] == 1
+    assert h.snapshot().backends[0].counters.soft_failures == 1
     assert h.feed(SynRetransmit(A, 901, 8.0, 2), 8.0) == []  # later ones add nothing
 
 
@@ -269,21 +283,21 @@ def test_an_untimed_established_ends_its_connect_as_a_success_and_adds_no_connec
     # transition): without the record its deadline would pass and count as a failure.
     h = make_engine()
     build_history(h, A, 0.0, connect_time=0.010)
-    successes = h.snapshot()["backends"][0]["counters"]["successes"]
+    successes = h.snapshot().backends[0].counters.successes
     h.feed(ConnectStarted(A, 905, 5.0), 5.0)
     assert h.feed(Established(A, 905, 5.9, None), 5.9) == []
     assert h.next_deadline() is None
     assert h.tick(10.0) == []
-    row = h.snapshot()["backends"][0]
+    row = h.snapshot().backends[0]
     assert h.state(A) is State.HEALTHY
-    assert row["counters"]["successes"] == successes + 1
-    assert row["connect_deadline"] == pytest.approx(0.2)  # the 0.9 s it looked like is not a sample
+    assert row.counters.successes == successes + 1
+    assert row.connect_deadline == pytest.approx(0.2)  # the 0.9 s it looked like is not a sample
 
 
 def test_deadline_adapts_to_a_slow_but_healthy_backend():
     h = make_engine()
     build_history(h, A, 0.0, connect_time=0.300)  # 300 ms away: deadline 4 x 300 = 1.2 s
-    assert h.snapshot()["backends"][0]["connect_deadline"] == pytest.approx(1.2)
+    assert h.snapshot().backends[0].connect_deadline == pytest.approx(1.2)
     h.feed(ConnectStarted(A, 904, 5.0), 5.0)
     assert h.tick(5.9) == []
     # A retransmit is normal for such a backend; its deadline judges, not the retransmit.
@@ -303,7 +317,7 @@ def test_backend_that_suddenly_gets_slower_is_probed_again_not_quarantined():
     # Not quarantined: asked again, allowing 4 x 300 ms.
     assert h.state(A) is State.SUSPECT and h.weights()[A] == 10
     assert only(actions, StartProbe) == [StartProbe(A, pytest.approx(1.2))]
-    assert "client connect succeeded in 300 ms" in h.snapshot()["backends"][0]["last_evidence"]
+    assert "client connect succeeded in 300 ms" in h.snapshot().backends[0].last_evidence
     actions = probe(h, A, True, 5.7)
     assert transitions(actions) == [(A, State.SUSPECT, State.HEALTHY)]
 
@@ -338,15 +352,15 @@ def test_a_failed_probe_still_quarantines_when_no_slower_connect_succeeded():
 def test_deadline_never_below_the_floor():
     h = make_engine(connect_deadline_floor=0.5)
     build_history(h, A, 0.0, connect_time=0.001)
-    assert h.snapshot()["backends"][0]["connect_deadline"] == 0.5
+    assert h.snapshot().backends[0].connect_deadline == 0.5
 
 
 def test_deadline_needs_connect_history_min_samples():
     h = make_engine(connect_history_min=5)
     build_history(h, A, 0.0, n=4)
-    assert h.snapshot()["backends"][0]["connect_deadline"] is None
+    assert h.snapshot().backends[0].connect_deadline is None
     connect_ok(h, A, 1.0)
-    assert h.snapshot()["backends"][0]["connect_deadline"] == pytest.approx(0.2)
+    assert h.snapshot().backends[0].connect_deadline == pytest.approx(0.2)
 
 
 def test_probe_timeout_is_derived_like_the_deadline():
@@ -364,9 +378,9 @@ def test_one_connection_counts_one_failure():
     h.tick(5.2)  # deadline missed
     h.feed(SynRetransmit(A, 905, 6.0, 1), 6.0)
     h.feed(ResetInSynSent(A, 905, 6.5), 6.5)
-    counters = h.snapshot()["backends"][0]["counters"]
-    assert (counters["soft_failures"], counters["hard_failures"]) == (1, 0)
-    assert h.snapshot()["backends"][0]["failure_streak"] == 0  # a missed deadline: the probe decides
+    counters = h.snapshot().backends[0].counters
+    assert (counters.soft_failures, counters.hard_failures) == (1, 0)
+    assert h.snapshot().backends[0].failure_streak == 0  # a missed deadline: the probe decides
 
 
 def test_connect_rescheduled_by_ipvs_is_timed_on_its_new_backend():
@@ -375,7 +389,7 @@ def test_connect_rescheduled_by_ipvs_is_timed_on_its_new_backend():
     h.feed(SynRetransmit(A, 906, 6.0, 1), 6.0)  # A is blackholed
     h.feed(ConnectStarted(B, 906, 6.0), 6.0)  # IPVS moved the SYN to B (expire_nodest_conn)
     h.feed(Established(B, 906, 6.01, 1.01), 6.01)  # elapsed since the first SYN: 1.01 s
-    assert h.snapshot()["backends"][1]["connect_p99"] == pytest.approx(0.01)
+    assert h.snapshot().backends[1].connect_p99 == pytest.approx(0.01)
     assert h.state(B) is State.HEALTHY
 
 
@@ -543,7 +557,7 @@ def test_after_probation_one_failure_only_raises_suspicion():
     readmit(h, A, 1.01)
     h.tick(12.1)
     h.tick(42.1)
-    assert h.snapshot()["backends"][0]["probation_until"] is None
+    assert h.snapshot().backends[0].probation_until is None
     actions = refuse(h, A, 50.0)
     assert transitions(actions) == [(A, State.HEALTHY, State.SUSPECT)]
 
@@ -594,10 +608,10 @@ def test_backoff_does_not_reset_on_silence():
     probe(h, A, True, readmit_at + 1)
     h.tick(readmit_at + 11)  # ramp done
     h.tick(readmit_at + 41)  # probation done, without a single client connection
-    assert h.snapshot()["backends"][0]["probation_until"] is None
-    assert h.snapshot()["backends"][0]["backoff"] == 2
+    assert h.snapshot().backends[0].probation_until is None
+    assert h.snapshot().backends[0].backoff == 2
     connect_ok(h, A, readmit_at + 50)  # real traffic after probation
-    assert h.snapshot()["backends"][0]["backoff"] == 1
+    assert h.snapshot().backends[0].backoff == 1
 
 
 @pytest.mark.parametrize("timed", [True, False], ids=["established", "counted"])
@@ -614,9 +628,9 @@ def test_backoff_resets_when_probation_ends_after_real_successes(timed):
     else:
         h.feed(Successes(A, 40, now + 5), now + 5)
     h.tick(now + 11)
-    assert h.snapshot()["backends"][0]["backoff"] == 2  # not before probation ends
+    assert h.snapshot().backends[0].backoff == 2  # not before probation ends
     h.tick(now + 41)
-    assert h.snapshot()["backends"][0]["backoff"] == 1
+    assert h.snapshot().backends[0].backoff == 1
 
 
 def test_probe_jitter_spreads_probes_within_bounds():
@@ -717,7 +731,7 @@ def test_udp_unreachable_from_the_backend_is_a_hard_failure():
     h = make_engine(protocol="udp")
     actions = h.feed(UdpUnreachable(A, 5.0, "port unreachable"), 5.0)
     assert transitions(actions) == [(A, State.HEALTHY, State.SUSPECT)]
-    assert h.snapshot()["backends"][0]["counters"]["hard_failures"] == 1
+    assert h.snapshot().backends[0].counters.hard_failures == 1
     assert refused(h, A, 5.1) and h.state(A) is State.QUARANTINED
 
 
@@ -728,7 +742,7 @@ def test_udp_no_reply_is_a_soft_failure_and_replies_reset_the_streak():
     h.feed(UdpReplied(A, 6.5), 6.5)
     h.feed(UdpNoReply(A, 7.0), 7.0)
     assert h.state(A) is State.SUSPECT
-    assert h.snapshot()["backends"][0]["counters"]["soft_failures"] == 3
+    assert h.snapshot().backends[0].counters.soft_failures == 3
     h.feed(UdpNoReply(A, 8.0), 8.0)
     h.feed(UdpReplied(B, 9.0), 9.0)  # a silent failure goes out when a peer is usable now
     h.feed(UdpNoReply(A, 9.0), 9.0)
@@ -740,7 +754,7 @@ def test_unreachable_not_attributed_to_a_backend_is_not_evidence():
     # not attribute it to a backend. Anything not naming one of ours is ignored.
     h = make_engine(protocol="udp")
     assert h.feed(UdpUnreachable((VIP, 80), 5.0), 5.0) == []
-    assert all(b["counters"]["hard_failures"] == 0 for b in h.snapshot()["backends"])
+    assert all(b.counters.hard_failures == 0 for b in h.snapshot().backends)
 
 
 # --- reload -----------------------------------------------------------------------------
@@ -822,8 +836,8 @@ def test_restart_unknown_backend_starts_healthy():
 def test_restart_resumes_an_interrupted_slow_start():
     h = make_engine(n=3, now=100.0, initial_weights={A: 55, B: 100, C: 100}, weights=[100, 100, 100])
     assert h.state(A) is State.RAMPING and h.weights()[A] == 55
-    snap = h.snapshot()["backends"][0]
-    assert snap["probation_until"] == pytest.approx(100.0 + 5.0 + 30.0)  # half the ramp left
+    snap = h.snapshot().backends[0]
+    assert snap.probation_until == pytest.approx(100.0 + 5.0 + 30.0)  # half the ramp left
     h.tick(100.0)
     assert h.weights()[A] == 55
     h.tick(105.0)
@@ -848,14 +862,14 @@ def test_restart_single_backend_found_at_zero_is_put_back():
 def test_snapshot_feeds_status_and_metrics():
     h = make_engine(n=3)
     quarantine(h, A, 0.0)
-    doc = {"now": 5.0, "services": [h.snapshot()]}
+    doc = snapshots.snapshot([h.snapshot()], now=5.0)
     table = status.render(doc)
     assert "quarantined" in table and "0/10" in table and "probe failed" in table
     registry = metrics.registry_for(lambda: doc)
     value = registry.get_sample_value("ipvslb_backend_state",
                                       {"service": "web", "backend": "10.77.0.1:8080", "state": "quarantined"})
     assert value == 1.0
-    assert h.snapshot()["backends"][0]["transitions"] == {"healthy->suspect": 1, "suspect->quarantined": 1}
+    assert h.snapshot().backends[0].transitions == {"healthy->suspect": 1, "suspect->quarantined": 1}
 
 
 def test_every_transition_carries_its_evidence():

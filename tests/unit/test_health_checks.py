@@ -24,7 +24,7 @@ def test_a_check_that_passes_or_fails_on_this_host_is_no_evidence_against_the_ba
     build_history(h, A, 1.0)
     assert h.feed(CheckResult(A, True, 5.0, "HTTP 200"), 5.0) == []
     assert h.feed(CheckResult(A, False, 5.1, "no route", local=True), 5.1) == []
-    assert h.snapshot()["backends"][0]["state"] == "healthy"
+    assert h.snapshot().backends[0].state == "healthy"
 
 
 def test_a_passing_probe_clears_a_failed_check():

@@ -179,8 +179,8 @@ def test_a_local_probe_error_freezes_and_is_no_evidence_against_the_backend():
         actions += probe(h, s.backend, False, 10.2, "ENETUNREACH (Network is unreachable)", local=True)
     assert h.frozen and out(h) == set()
     assert "on this host" in only(actions, FreezeReported)[0].reason
-    row = h.snapshot()["backends"][1]
-    assert row["state"] == "healthy" and row["failure_streak"] == 0  # the peer checks count nothing
+    row = h.snapshot().backends[1]
+    assert row.state == "healthy" and row.failure_streak == 0  # the peer checks count nothing
 
 
 def test_a_local_error_for_one_backend_while_others_serve_withholds_without_freeze():
@@ -231,8 +231,8 @@ def test_slow_backend_with_retransmits_whose_connects_establish_is_never_quarant
                     outstanding[s.backend] = (start + min(timeout, rtt), s.timeout)
         assert h.state(A) in IN_ROTATION and h.weights()[A] == 10
         t += 0.5
-    row = h.snapshot()["backends"][0]
-    assert row["counters"]["quarantines"] == 0 and row["failure_streak"] == 0
+    row = h.snapshot().backends[0]
+    assert row.counters.quarantines == 0 and row.failure_streak == 0
 
 
 def test_syn_retransmits_alone_do_not_add_up_to_a_quarantine():
@@ -241,7 +241,7 @@ def test_syn_retransmits_alone_do_not_add_up_to_a_quarantine():
         conn = next(_ids)
         h.feed(ConnectStarted(A, conn, 5.0 + i * 0.02), 5.0 + i * 0.02)
         h.feed(SynRetransmit(A, conn, 6.0 + i * 0.02, 1), 6.0 + i * 0.02)
-    assert h.state(A) is State.SUSPECT and h.snapshot()["backends"][0]["failure_streak"] == 0
+    assert h.state(A) is State.SUSPECT and h.snapshot().backends[0].failure_streak == 0
 
 
 def test_blackhole_without_history_is_out_at_the_first_retransmit_plus_one_probe():
@@ -287,7 +287,7 @@ def test_guards_hold_under_any_evidence(events, n):
             and last_success.get(p, -1.0) >= probe_started[b] and last_failure.get(p, -1.0) < last_success[p]
             for p in backends)
         confirming = (h.state(b) is State.SUSPECT
-                      and h.snapshot()["backends"][i % n]["probe_outstanding"])
+                      and h.snapshot().backends[i % n].probe_outstanding)
         actions: list = []
         if kind == "refuse":
             actions = refuse(h, b, now)

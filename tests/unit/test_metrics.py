@@ -133,7 +133,8 @@ def test_build_info_reloads_and_standard_collectors(running, tmp_path):
 def test_reload_keeps_the_histograms_of_backends_that_stay(running):
     _, backend = _tcp_connects(running, "api", [0.001])
     running.reload()
-    assert running.snapshot()["services"][0]["backends"][0]["connect_seconds"]["buckets"][-1] == 1
+    hist = running.snapshot().services[0].backends[0].connect_seconds
+    assert hist is not None and hist.buckets[-1] == 1
 
 
 def _queried_metrics(exprs: list[str]) -> set[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from ipvslb.notify import Notifier, TransitionNote
+from ipvslb.snapshot import NotifyCounts
+from tests.unit import snapshots
 
 SH = "/bin/sh"
 
@@ -294,6 +296,7 @@ def test_the_counters_are_exported_as_metrics(tmp_path):
         return n
 
     n = asyncio.run(main())
-    text = generate_latest(metrics.registry_for(lambda: {"notify": n.counters()})).decode()
+    snap = snapshots.snapshot(notify=NotifyCounts(**n.counters()))
+    text = generate_latest(metrics.registry_for(lambda: snap)).decode()
     assert "ipvslb_notify_failures_total 1.0" in text
     assert "ipvslb_notify_dropped_total 1.0" in text

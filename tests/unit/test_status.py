@@ -13,11 +13,18 @@ from pathlib import Path
 import pytest
 
 from ipvslb import cli, status
+from ipvslb.snapshot import BackendCounters
+from tests.unit import snapshots
 
-DOC = {"version": "1", "pid": 7, "now": 100.0, "attribution": "kprobe", "services": [
-    {"name": "web", "protocol": "tcp", "vip": "10.0.0.1:80", "frozen": False, "backends": [
-        {"endpoint": "10.0.1.1:80", "state": "healthy", "weight": 1, "configured_weight": 1, "since": 90.0,
-         "counters": {"successes": 3}, "last_evidence": None}]}]}
+DOC = snapshots.snapshot([snapshots.service("web", backends=[
+    snapshots.backend("10.0.1.1:80", since=90.0, counters=BackendCounters(successes=3))])]).to_json()
+
+
+def changed(edit) -> bytes:
+    """DOC as JSON after `edit` changed a copy of it."""
+    doc = json.loads(json.dumps(DOC))
+    edit(doc)
+    return json.dumps(doc).encode()
 
 
 @pytest.fixture
@@ -100,12 +107,17 @@ BAD_ANSWERS = {
     "not UTF-8": (b"\xff\xfe{}\n", "not UTF-8 text: byte 0xff at offset 0"),
     "a list": (b"[1, 2]\n", "not a status document: a JSON list"),
     "huge number": (b'{"now": ' + b"9" * 5000 + b"}", "not JSON"),
-    "wrong types": (json.dumps({"services": [{"name": 1, "backends": "x"}]}).encode(),
-                    "not a status document: KeyError 'protocol'"),
-    "services not a list": (json.dumps({"services": 5}).encode(), "not a status document: TypeError"),
-    "backend without weight": (json.dumps({"services": [{"name": "a", "protocol": "tcp", "vip": "v",
-                                                         "backends": [{"endpoint": "e", "state": "s"}]}]}).encode(),
-                               "not a status document: KeyError 'weight'"),
+    "wrong types": (changed(lambda d: d["services"][0].update(name=1)),
+                    "not a status document: services[0].name: expected str, got int 1"),
+    "services not a list": (changed(lambda d: d.update(services=5)),
+                            "not a status document: services: expected a list, got int 5"),
+    "backend without weight": (changed(lambda d: d["services"][0]["backends"][0].pop("weight")),
+                               "not a status document: services[0].backends[0].weight: missing"),
+    "unknown state": (changed(lambda d: d["services"][0]["backends"][0].update(state="s")),
+                      "not a status document: services[0].backends[0].state: str 's' is not a health state"),
+    "unknown key": (changed(lambda d: d.update(extra=1)), "not a status document: extra: unknown key"),
+    "the daemon's error": (json.dumps({"error": "internal error: ZeroDivisionError()"}).encode(),
+                           "the daemon reported: internal error: ZeroDivisionError()"),
 }
 
 
