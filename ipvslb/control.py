@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ipvslb import status
-from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Endpoint, Service, format_endpoint
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,10 @@ def parse(data: bytes, services: Sequence[Service]) -> Request:
 
 def execute(req: Request, manager) -> dict:
     """Carry out a parsed request on the IPVS manager (ipvslb.ipvs.Manager); the answer."""
+    # Here, not at the top: `ipvslb drain` imports this module, and netlink's modules
+    # (pyroute2) would cost it seconds on a slow host.
+    from ipvslb.ipvs.specs import ip, service_spec
+
     key = (req.service.key, req.backend)
     before = key in manager.drains
     if req.command != "drained":
@@ -94,10 +97,12 @@ def execute(req: Request, manager) -> dict:
         except OSError as err:
             return _error(f"{req.command} of {format_endpoint(req.backend)} in {req.service.name} failed: "
                           f"{err.strerror or err}")
+    changed = (key in manager.drains) != before
+    if changed:
         log.warning("%s %s: %s by request on the control socket", req.service.name, format_endpoint(req.backend),
                     "drained" if req.command == "drain" else "undrained")
     answer = {"ok": True, "service": req.service.name, "backend": format_endpoint(req.backend),
-              "drained": key in manager.drains, "changed": (key in manager.drains) != before}
+              "drained": key in manager.drains, "changed": changed}
     try:
         dests = manager.ipvs.dests(service_spec(req.service), stats=True)
     except OSError as err:
