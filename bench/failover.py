@@ -148,8 +148,8 @@ def ready(checker: str, watch: IPVSWatch, endpoints: list[str]) -> bool:
 
 def settled(checker: str, watch: IPVSWatch, endpoints: list[str]) -> bool:
     if checker == "ipvslb":
-        doc = status.fetch(SOCKET)
-        if any(b["probation_until"] is not None for svc in doc["services"] for b in svc["backends"]):
+        snap = status.fetch_snapshot(SOCKET)
+        if any(b.probation_until is not None for svc in snap.services for b in svc.backends):
             return False
     return watch.all_in(endpoints)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipvslb import status  # noqa: E402
+from ipvslb.snapshot import Snapshot  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 from tests.kernel.client import ClientLoop  # noqa: E402
 
@@ -74,17 +75,17 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) -> dict:
+def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) -> Snapshot:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("the daemon exited; see its log")
         if Path(SOCKET).exists():
-            doc = status.fetch(SOCKET)
-            rows = [b for s in doc["services"] for b in s["backends"]]
-            if (len(doc["services"]) == services
-                    and all(b["state"] == "healthy" and b["weight"] == WEIGHT for b in rows)):
-                return doc
+            snap = status.fetch_snapshot(SOCKET)
+            rows = [b for s in snap.services for b in s.backends]
+            if (len(snap.services) == services
+                    and all(b.state == "healthy" and b.weight == WEIGHT for b in rows)):
+                return snap
         time.sleep(0.5)
     raise RuntimeError(f"the daemon did not bring up {services} services within {timeout:.0f} s")
 
@@ -92,7 +93,7 @@ def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) ->
 def run(proc: subprocess.Popen, config: Path, texts: list[str] | None) -> dict:
     """One RUN-second run of the client; with `texts`, a reload every second, the file
     cycling through them."""
-    before = status.fetch(SOCKET)["reloads"]
+    before = status.fetch_snapshot(SOCKET).reloads
     client = ClientLoop(vip(0), 80)
     cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
     client.start()
@@ -107,14 +108,14 @@ def run(proc: subprocess.Popen, config: Path, texts: list[str] | None) -> dict:
     # Reloads still under way belong to this run.
     deadline = time.monotonic() + 60
     while texts and time.monotonic() < deadline:
-        after = status.fetch(SOCKET)["reloads"]
-        done = sum(after.values()) - sum(before.values())
-        if done >= 1 and len(status.fetch(SOCKET)["services"]) == SERVICES + 1 - (sent - 1) % 2:
+        snap = status.fetch_snapshot(SOCKET)
+        done = sum(snap.reloads.values()) - sum(before.values())
+        if done >= 1 and len(snap.services) == SERVICES + 1 - (sent - 1) % 2:
             break
         time.sleep(0.5)
     cpu = cpu_seconds(proc.pid) - cpu0
     wall = time.monotonic() - t0
-    after = status.fetch(SOCKET)["reloads"]
+    after = status.fetch_snapshot(SOCKET).reloads
     times = sorted(a.elapsed for a in client.attempts if a.ok)
     return {"sighups": sent, "reloads": after.get("ok", 0) - before.get("ok", 0),
             "failed_reloads": after.get("failed", 0) - before.get("failed", 0),

@@ -116,6 +116,11 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def fetch_snapshot(path: str, timeout: float = 5.0) -> Snapshot:
+    """`fetch`, then `parse`: the running daemon's snapshot (OSError, StatusError)."""
+    return parse(fetch(path, timeout))
+
+
 def parse(doc: dict) -> Snapshot:
     """The snapshot a status document (from `fetch`) describes. StatusError naming the key
     when it is not what this version sends (a daemon of another version, or not ipvslb)."""

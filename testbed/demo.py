@@ -22,6 +22,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))  # a script in testbed/: the checkout's packages
 
 from ipvslb import status  # noqa: E402
+from ipvslb.snapshot import Snapshot  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 from tests.kernel.client import CONNECT_TIMEOUT, RATE, ClientLoop  # noqa: E402
 
@@ -35,7 +36,7 @@ class WeightWatch:
     def __init__(self, socket_path: str):
         self.path = socket_path
         self.changes: list[tuple[float, str, int, str]] = []  # (time, backend, weight, state)
-        self.latest: dict = {}
+        self.latest: Snapshot | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -43,16 +44,16 @@ class WeightWatch:
         last: dict[str, int] = {}
         while not self._stop.is_set():
             try:
-                self.latest = status.fetch(self.path)
+                self.latest = status.fetch_snapshot(self.path)
             except OSError:
                 time.sleep(0.05)
                 continue
             now = time.monotonic()
-            for svc in self.latest.get("services", []):
-                for b in svc["backends"]:
-                    if last.get(b["endpoint"]) != b["weight"]:
-                        self.changes.append((now, b["endpoint"], b["weight"], b["state"]))
-                        last[b["endpoint"]] = b["weight"]
+            for svc in self.latest.services:
+                for b in svc.backends:
+                    if last.get(b.endpoint) != b.weight:
+                        self.changes.append((now, b.endpoint, b.weight, b.state))
+                        last[b.endpoint] = b.weight
             time.sleep(0.02)
 
     def first_change(self, endpoint: str, after: float, weight_is) -> float | None:
@@ -92,7 +93,7 @@ def _config(workdir: Path, backends) -> Path:
 
 def _show(watch: WeightWatch, title: str) -> None:
     print(f"\n--- {title} ---")
-    if watch.latest:
+    if watch.latest is not None:
         print(status.render(watch.latest))
     sys.stdout.flush()
 
@@ -171,17 +172,17 @@ def run_here(fault_seconds: float = 10.0) -> int:
     return 0
 
 
-def _fully_back(doc: dict, endpoints: set[str]) -> bool:
-    rows = [b for s in doc.get("services", []) for b in s["backends"] if b["endpoint"] in endpoints]
+def _fully_back(snap: Snapshot | None, endpoints: set[str]) -> bool:
+    rows = [b for s in snap.services for b in s.backends if b.endpoint in endpoints] if snap else []
     return len(rows) == len(endpoints) and all(
-        b["state"] == "healthy" and b["weight"] == b["configured_weight"] for b in rows)
+        b.state == "healthy" and b.weight == b.configured_weight for b in rows)
 
 
 def _configured(watch: WeightWatch, endpoint: str) -> int:
-    for s in watch.latest.get("services", []):
-        for b in s["backends"]:
-            if b["endpoint"] == endpoint:
-                return b["configured_weight"]
+    for s in watch.latest.services if watch.latest else ():
+        for b in s.backends:
+            if b.endpoint == endpoint:
+                return b.configured_weight
     return -1
 
 

@@ -159,3 +159,10 @@ def test_the_table_renders_a_good_document(short_dir, capsys):
     assert cli.main(["status", "--socket", str(path)]) == 0
     out = capsys.readouterr().out
     assert "web  tcp 10.0.0.1:80" in out and "10.0.1.1:80" in out and "healthy" in out
+
+
+def test_scripts_fetch_the_typed_snapshot(short_dir):
+    path = short_dir / "status.sock"
+    serve_once(path, json.dumps(DOC).encode())
+    snap = status.fetch_snapshot(str(path))
+    assert snap.services[0].backends[0].counters.successes == 3 and snap.to_json() == DOC
