@@ -484,12 +484,11 @@ class Daemon:
         rows = []
         for row in doc.backends:
             key = (svc.service.key, keys.get(row.endpoint))
-            row = dataclasses.replace(row, weight_history=tuple(history.get(key, ())))
-            if hist := self.connect_times.get(key):
-                row = dataclasses.replace(row, connect_seconds=hist.snapshot())
-            if key in self.manager.drains:
-                row = dataclasses.replace(row, drained=True, weight=0)   # health's state goes on; IPVS has 0
-            rows.append(row)
+            hist = self.connect_times.get(key)
+            drained = key in self.manager.drains   # health's state goes on; IPVS has 0
+            rows.append(dataclasses.replace(
+                row, weight_history=tuple(history.get(key, ())), connect_seconds=hist.snapshot() if hist else None,
+                drained=drained, weight=0 if drained else row.weight))
         return dataclasses.replace(doc, backends=tuple(rows))
 
     def _control(self, data: bytes) -> dict:
