@@ -126,7 +126,7 @@ class Snapshot:
         try:
             snap: Snapshot = _codec(Snapshot).load(doc)
         except _Bad as bad:
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in bad.path).lstrip(".")
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in bad.path).removeprefix(".")
             raise SnapshotError(f"{where or 'the document'}: {bad.message}") from None
         return snap
 
