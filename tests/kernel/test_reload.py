@@ -147,9 +147,11 @@ def reloads_settled(daemon, notices: NotifyListener) -> bool:
     return notices.states()[-1:] == ["READY=1"] and daemon.status()["reloads"] == first
 
 
-def test_kill_9_while_a_backend_is_quarantined_keeps_it_at_weight_0_until_its_probes_pass(fresh, _session_topology):
+def test_kill_9_while_a_backend_is_quarantined_keeps_it_at_weight_0_until_its_probes_pass(
+        clients, fresh, _session_topology):
     b = _session_topology.backends[2]
     ep = endpoint(b)
+    clients()  # the evidence: connects to it refused
     b.set_mode("refuse")
     wait_for(lambda: fresh.backends()[ep]["weight"] == 0, 15, "quarantine")
     assert kernel_weights()[ep] == 0
