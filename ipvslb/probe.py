@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from ipvslb import udprequest
 from ipvslb.model import IPAddress
 
-
 # Errors connect() or send() return at once when this host itself has no path: no route,
 # a local firewall rule, no usable source address, the interface down. They say nothing
 # about the backend. (The same errno arriving later, as SO_ERROR, came from the network.)
@@ -95,7 +94,11 @@ class TcpProbe:
         if self.outcome is None:
             loop = asyncio.get_running_loop()
             writable = loop.create_future()
-            loop.add_writer(self.sock, lambda: writable.done() or writable.set_result(None))
+
+            def on_writable() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+            loop.add_writer(self.sock, on_writable)
             try:
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - self.started))):
                     await writable

@@ -292,10 +292,12 @@ async def probe_exec(service: str, address: IPAddress, port: int, seconds: float
             _kill(proc.pid)
             await proc.wait()
     elapsed = time.monotonic() - started
-    if proc.returncode == 0:
+    code = proc.returncode
+    assert code is not None  # waited for above
+    if code == 0:
         return ProbeOutcome(True, "exit 0", elapsed)
     said = stderr.decode("utf-8", "replace").strip().splitlines()
-    status = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    status = f"killed by signal {-code}" if code < 0 else f"exit {code}"
     return ProbeOutcome(False, status + (f": {said[0][:MAX_STDERR]}" if said else ""), elapsed)
 
 

@@ -16,7 +16,7 @@ A, B, C = (ipaddress.ip_address(f"10.0.1.{i}") for i in (1, 2, 3))
 
 
 def service(name="web", port=80, interval: float | None = 0.1, jitter=0.0, weights=(1, 1), **health) -> Service:
-    backends = tuple(Backend(addr, 8080, w) for addr, w in zip((A, B, C), weights))
+    backends = tuple(Backend(addr, 8080, w) for addr, w in zip((A, B, C)[:len(weights)], weights, strict=True))
     return Service(name, "tcp", ipaddress.ip_address("10.0.0.1"), port, backends,
                    health=HealthSettings(active_interval=interval, probe_jitter=jitter, **health))
 

@@ -12,6 +12,7 @@ import stat
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -336,7 +337,7 @@ def test_exec_timeout_kills_the_program_and_what_it_started(tmp_path):
     pid = int(pidfile.read_text())
     for _ in range(50):  # killed: gone, or a zombie until something reaps it
         try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except FileNotFoundError:
             break
         if state == "Z":
