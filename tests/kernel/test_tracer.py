@@ -161,19 +161,24 @@ def test_accepted_connect_is_recorded_with_its_backend(traced, topo, vip, attrib
     assert [e.kind for e in records_for(traced, port)] == [Kind.CLOSED]
 
 
+def failed_connect(traced, topo, vip: str, attribution: str, b, mode: str, timeout: float = 3.0) -> list:
+    """The records of one connect through `vip` to its one backend `b`, put in `mode`, that fails.
+    A failed connect gives its port back, so every record: the test is the only client."""
+    if attribution == "conntable":
+        traced.use_conntable()
+    add_service(topo, vip, [b])
+    b.set_mode(mode)
+    s = open_socket(vip, timeout)
+    assert s.connect_ex((vip, PORT)) != 0
+    s.close()
+    return records_for(traced, None)
+
+
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
 @pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
 def test_refused_connect_is_a_reset_from_its_backend_within_100ms(traced, topo, vip, attribution):
-    if attribution == "conntable":
-        traced.use_conntable()
     b = topo.backends[1]
-    add_service(topo, vip, [b])
-    b.set_mode("refuse")
-    s = open_socket(vip)
-    assert s.connect_ex((vip, PORT)) != 0
-    s.close()
-    # A failed connect gives its port back, so take every record: this test is the only client.
-    resets = [e for e in records_for(traced, None) if e.kind == Kind.RESET]
+    resets = [e for e in failed_connect(traced, topo, vip, attribution, b, "refuse") if e.kind == Kind.RESET]
     assert len(resets) == 1
     assert resets[0].backend == backend_of(b, vip)
     assert resets[0].elapsed < 0.100
@@ -182,15 +187,8 @@ def test_refused_connect_is_a_reset_from_its_backend_within_100ms(traced, topo, 
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
 @pytest.mark.parametrize("attribution", ["kprobe", "conntable"])
 def test_blackholed_connect_retransmits_then_closes_in_syn_sent(traced, topo, vip, attribution):
-    if attribution == "conntable":
-        traced.use_conntable()
     b = topo.backends[2]
-    add_service(topo, vip, [b])
-    b.set_mode("blackhole")
-    s = open_socket(vip, timeout=1.5)
-    assert s.connect_ex((vip, PORT)) != 0
-    s.close()
-    recs = records_for(traced, None)
+    recs = failed_connect(traced, topo, vip, attribution, b, "blackhole", timeout=1.5)
     retransmits = [e for e in recs if e.kind == Kind.SYN_RETRANSMIT]
     assert retransmits, recs
     assert retransmits[0].backend == backend_of(b, vip)
