@@ -26,10 +26,10 @@ venv: $(VENV)/.done
 kernels: venv
 	$(PY) testbed/kernels.py fetch $(KERNELS)
 
-# Settings in pyproject.toml ([tool.ruff], [tool.mypy]); first in `make check`, it fails in seconds.
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]); first in `make check`, it fails in
+# seconds. Both run, so one call lists every finding.
 lint: venv
-	$(VENV)/bin/ruff check ipvslb tests bench testbed
-	$(VENV)/bin/mypy ipvslb
+	$(VENV)/bin/ruff check ipvslb tests bench testbed; ruff=$$?; $(VENV)/bin/mypy ipvslb && exit $$ruff
 
 test: test-unit test-kernel
 
