@@ -1,11 +1,9 @@
 """Where the ICMP kprobes read struct sk_buff: offsets from BTF, checked before compiling."""
-from pathlib import Path
-
 import pytest
 
-from ipvslb.tracer import btf
 from ipvslb.tracer.btf import Field
 from ipvslb.tracer.loader import TracerUnavailable, skb_flags
+from tests.unit.test_sock_layout import machine_types
 
 # struct sk_buff of Debian's 6.12 kernel (the fields the ICMP kprobes read).
 SKB = {"head": Field(200, 8, False), "network_header": Field(186, 2, False)}
@@ -22,13 +20,8 @@ def test_a_missing_or_reshaped_field_is_named():
         skb_flags(dict(SKB, head=Field(200, 4, False)))
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="this kernel has no BTF")
 def test_this_machines_kernel_describes_both_fields():
-    try:
-        types = btf.KernelTypes()
-    except btf.BtfUnavailable as err:
-        pytest.skip(str(err))
-    with types:
+    with machine_types() as types:
         fields = types.fields("sk_buff")
     # network_header sits in an anonymous struct of a struct_group: lifted to sk_buff's level.
     assert fields["network_header"].size == 2 and fields["head"].size == 8

@@ -15,6 +15,16 @@ SOCK = {"__sk_common": Field(0, 136, False), "sk_protocol": Field(532, 2, False)
 INET = {"sk": Field(0, 760, False), "inet_sport": Field(782, 2, False)}
 
 
+def machine_types() -> btf.KernelTypes:
+    """This machine's kernel types, or the test skipped where it has no BTF."""
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        pytest.skip("this kernel has no BTF")
+    try:
+        return btf.KernelTypes()
+    except btf.BtfUnavailable as err:
+        pytest.skip(str(err))
+
+
 def structs(**changed):
     return {"sock": SOCK, "sock_common": COMMON, "inet_sock": INET, **changed}
 
@@ -61,13 +71,8 @@ def test_a_field_of_another_size_is_refused_with_both_sizes():
         layout_flags(structs(sock_common=wide))
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="this kernel has no BTF")
 def test_this_machines_kernel_describes_every_field_through_libbpf():
-    try:
-        types = btf.KernelTypes()
-    except btf.BtfUnavailable as err:
-        pytest.skip(str(err))
-    with types:
+    with machine_types() as types:
         common, sock, inet = types.fields("sock_common"), types.fields("sock"), types.fields("inet_sock")
     # Fields inside sock_common's anonymous unions and structs are found at their real place.
     assert common["skc_dport"] == Field(12, 2, False) and common["skc_num"] == Field(14, 2, False)
@@ -78,9 +83,5 @@ def test_this_machines_kernel_describes_every_field_through_libbpf():
 
 
 def test_a_struct_the_kernel_lacks_is_named():
-    try:
-        types = btf.KernelTypes()
-    except btf.BtfUnavailable:
-        pytest.skip("no BTF here")
-    with types, pytest.raises(btf.BtfUnavailable, match="no struct ipvslb_no_such_struct"):
+    with machine_types() as types, pytest.raises(btf.BtfUnavailable, match="no struct ipvslb_no_such_struct"):
         types.fields("ipvslb_no_such_struct")
