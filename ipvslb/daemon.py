@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ipvslb import (
     __version__,
     actions,
+    activecheck,
     config,
     conntrack,
     control,
@@ -110,6 +111,24 @@ class Daemon:
             self.manager, self.rescuer, self.prober, notifier=self.notifier, rng=self.rng,
             internal_error=self._internal_error,
             current=lambda svc: self.health.get(svc.service.key) is svc, after_probe=self._schedule_tick)
+        self.active_checks = activecheck.ActiveChecks(self._checked, wanted=self._check_wanted, rng=self.rng)
+
+    def _check_wanted(self, service: Service, backend: tuple) -> bool:
+        """Background checks look for failures in rotation; a backend out of it is the
+        re-admission probes' business."""
+        svc = self.health.get(service.key)
+        return svc is not None and svc.state(backend) in (health.State.HEALTHY, health.State.RAMPING)
+
+    def _checked(self, service: Service, backend: tuple, outcome: probe.ProbeOutcome) -> None:
+        """A background check's outcome is evidence (health.CheckResult); the engine decides."""
+        svc = self.health.get(service.key)
+        if svc is None:
+            return
+        now = time.monotonic()
+        result = health.CheckResult(backend, outcome.ok, now, outcome.detail, local=outcome.local,
+                                    refused=outcome.refused)
+        self.executor.act(svc, svc.feed(result, now))
+        self._schedule_tick()
 
     def _observed_weights(self, services: tuple[Service, ...]) -> dict[tuple, dict]:
         """Weights in the kernel now, for services that exist there (restart continuity)."""
@@ -436,6 +455,7 @@ class Daemon:
         changed = [svc for svc in new.services if trial[svc.key] is not self.health.get(svc.key)]
         self.health = kept
         self.cfg = new
+        self.active_checks.update(new.services)
         for svc in changed:
             self._hold_wanted_weights(svc)
         self._apply(routine=True, verify=False)  # what the trial missed (normally nothing)
@@ -562,6 +582,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         watchdog = loop.create_task(self._watchdog())
         udp_watch = loop.create_task(self._supervised("udp_watch", self._watch_udp))
+        self.active_checks.update(self.cfg.services)
+        active_checks = loop.create_task(self._supervised("active_checks", self.active_checks.run))
         verify = loop.create_task(self._supervised("verify", self._verify_ipvs))
         self._schedule_tick()
         # What start-up made (bcc, pyroute2, prometheus_client, the configuration) lives as
@@ -583,6 +605,7 @@ class Daemon:
             if self._reload_task is not None:
                 self._reload_task.cancel()
             udp_watch.cancel()
+            active_checks.cancel()
             verify.cancel()
             self.executor.cancel()
             # The hooks running now end (each is killed at settings.notify_timeout); the
