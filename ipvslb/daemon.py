@@ -150,6 +150,12 @@ class Daemon:
         for svc in self.cfg.services:
             self.health[svc.key] = health.ServiceHealth(svc, self.rng, now, observed.get(svc.key))
             self._hold_wanted_weights(svc)
+        self._sync_drains()
+
+    def _sync_drains(self) -> None:
+        """Tell health which backends are drained: none of them is a usable peer."""
+        for key, svc in self.health.items():
+            svc.set_drained(backend for service, backend in self.manager.drains if service == key)
 
     def _hold_wanted_weights(self, svc: Service) -> None:
         """Tell IPVS's manager which weights health wants, so apply writes them (or nothing
@@ -455,6 +461,7 @@ class Daemon:
         changed = [svc for svc in new.services if trial[svc.key] is not self.health.get(svc.key)]
         self.health = kept
         self.cfg = new
+        self._sync_drains()
         self.active_checks.update(new.services)
         for svc in changed:
             self._hold_wanted_weights(svc)
@@ -513,7 +520,9 @@ class Daemon:
 
     def _control(self, data: bytes) -> dict:
         """A request on the control socket (ipvslb.control), answered."""
-        return control.execute(control.parse(data, self.cfg.services), self.manager)
+        answer = control.execute(control.parse(data, self.cfg.services), self.manager)
+        self._sync_drains()
+        return answer
 
     def _status_line(self) -> str:
         out = sum(1 for svc in self.health.values() for w in svc.weights().values() if w == 0)

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ipvslb import statedir
@@ -37,6 +38,9 @@ class Drains:
 
     def __bool__(self) -> bool:
         return bool(self.drained)
+
+    def __iter__(self) -> Iterator[Drain]:
+        return iter(self.drained)
 
     def _load(self) -> None:
         try:

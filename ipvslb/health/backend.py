@@ -83,6 +83,7 @@ class BackendHealth:
     peer_check: bool = False  # the outstanding probe asks about life for another's verdict
     awaiting: Confirmed | None = None  # a confirmed failure waiting for peer checks
     silent_out_at: float | None = None  # quarantined then on a silent failure (no answer)
+    drained: bool = False  # an operator's drain: weight 0 in IPVS, never the usable peer
     counters: Counter = field(default_factory=lambda: Counter({name: 0 for name in COUNTERS}))
     transitions: Counter = field(default_factory=Counter)
 

@@ -111,7 +111,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ipvslb import model
@@ -207,6 +207,14 @@ class ServiceHealth:
 
     def state(self, key: Endpoint) -> State:
         return self._backends[key].state
+
+    def set_drained(self, backends: Iterable[Endpoint]) -> None:
+        """The backends an operator drained now (IPVS gives them weight 0 whatever health
+        wants). Their health goes on, but none counts as the usable peer or the last
+        backend in rotation that lets another go out or keeps it in."""
+        drained = set(backends)
+        for key, b in self._backends.items():
+            b.drained = key in drained
 
     def weights(self) -> dict[Endpoint, int]:
         """The weight the engine wants for every backend right now."""

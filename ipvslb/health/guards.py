@@ -4,7 +4,7 @@ A refusal proves this host's path to the backend works and that the backend serv
 one: it goes out while another backend is in rotation. A silent failure (no answer) goes
 out when a peer is usable now; with none known, peer checks decide. If every backend then
 failed silently together, or a probe failed on this host, the evidence points at this
-host: quarantines freeze. Never the last backend in rotation; never beyond
+host: quarantines freeze. Never the last backend in rotation (a drained one does not count); never beyond
 `max_quarantined` when set. Pure functions of the backends' records.
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ def verdict(b: BackendHealth, c: Confirmed, eligible: Sequence[BackendHealth], f
             max_quarantined: int | None) -> tuple[Verdict, str]:
     """What the confirmed failure `c` of `b` leads to, and why (the guard that said no, or
     the freeze's reason). `eligible`: the service's backends with a configured weight."""
-    peers = [o for o in eligible if o is not b and o.in_rotation]
+    # A drained peer gets no new connects (weight 0 in IPVS): it serves no one new.
+    peers = [o for o in eligible if o is not b and o.in_rotation and not o.drained]
     if frozen:
         return Verdict.WITHHOLD, "quarantines frozen"
     usable = not c.answered and any(usable_now(o, c.since) for o in peers)

@@ -6,11 +6,32 @@ from hypothesis import strategies as st
 
 from ipvslb import health
 from ipvslb.health import (
-    IN_ROTATION, ConnectStarted, Established, FreezeLifted, FreezeReported, QuarantineWithheld, SetWeight,
-    StartProbe, State, Successes, SynRetransmit,
+    IN_ROTATION,
+    ConnectStarted,
+    Established,
+    FreezeLifted,
+    FreezeReported,
+    QuarantineWithheld,
+    SetWeight,
+    StartProbe,
+    State,
+    Successes,
+    SynRetransmit,
 )
 from tests.unit.test_health import (
-    A, B, C, D, build_history, connect_ok, key, make_engine, only, probe, quarantine, refuse, refused,
+    A,
+    B,
+    C,
+    D,
+    build_history,
+    connect_ok,
+    key,
+    make_engine,
+    only,
+    probe,
+    quarantine,
+    refuse,
+    refused,
 )
 
 _ids = iter(range(500_000, 10**9))
@@ -379,3 +400,20 @@ def test_a_backend_out_on_a_refusal_stays_out_when_the_rest_go_silent():
     actions = probe(h, C, False, 10.5)
     assert h.frozen and "probes to all 2 backends" in only(actions, FreezeReported)[0].reason
     assert out(h) == {A}
+
+
+def test_a_drained_backend_is_not_the_usable_peer_that_lets_the_last_other_one_go_out():
+    h = make_engine(n=2)
+    build_history(h, A, 1.0)
+    build_history(h, B, 1.0)
+    h.set_drained({A})
+    refuse(h, B, 5.0)
+    actions = refused(h, B, 5.01)
+    assert [w.guard for w in only(actions, QuarantineWithheld)] == ["last usable backend"]
+    assert h.weights()[B] == 10
+    h.set_drained(())  # undrained: A serves again, and B's next refused probe takes it out
+    t = h.next_deadline()
+    assert t is not None
+    h.tick(t)
+    refused(h, B, t + 0.01)
+    assert h.weights()[B] == 0
