@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipvslb import status  # noqa: E402
-from ipvslb.snapshot import Snapshot  # noqa: E402
+from ipvslb.snapshot import StatusSnapshot  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 from tests.kernel.client import ClientLoop  # noqa: E402
 
@@ -75,7 +75,7 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) -> Snapshot:
+def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) -> StatusSnapshot:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

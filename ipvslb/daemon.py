@@ -38,7 +38,7 @@ from ipvslb import (
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
 from ipvslb.model import Config, Service, format_endpoint
-from ipvslb.snapshot import NotifyCounts, ReconcileCounts, ServiceSnapshot, Snapshot
+from ipvslb.snapshot import NotifyCounts, ReconcileCounts, ServiceSnapshot, StatusSnapshot
 from ipvslb.tracer import Tracer, TracerUnavailable, records
 
 log = logging.getLogger("ipvslb")
@@ -484,8 +484,8 @@ class Daemon:
 
     # -- status --------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(
+    def snapshot(self) -> StatusSnapshot:
+        return StatusSnapshot(
             version=__version__,
             pid=os.getpid(),
             now=time.monotonic(),
@@ -637,7 +637,7 @@ class Daemon:
 
         host, _, port = address.rpartition(":")
 
-        def snapshot_from_loop() -> Snapshot:
+        def snapshot_from_loop() -> StatusSnapshot:
             # Scrapes run in prometheus_client's thread; the state belongs to the loop.
             return asyncio.run_coroutine_threadsafe(_call(self._metrics_snapshot), loop).result(timeout=5)
 
@@ -651,7 +651,7 @@ class Daemon:
             self._internal_error("status", err)
             return {"error": f"internal error: {err!r}"}
 
-    def _metrics_snapshot(self) -> Snapshot:
+    def _metrics_snapshot(self) -> StatusSnapshot:
         try:
             return self.snapshot()
         except Exception as err:

@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ipvslb import __version__
-from ipvslb.snapshot import ConnectSeconds, Snapshot
+from ipvslb.snapshot import ConnectSeconds, StatusSnapshot
 
 STATES = ("healthy", "suspect", "quarantined", "probing", "ramping", "disabled")
 BACKEND_COUNTERS: dict[str, tuple[str, str]] = {
@@ -54,7 +54,7 @@ class ConnectTimes:
 
 
 class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]):
+    def __init__(self, snapshot: Callable[[], StatusSnapshot]):
         self._snapshot = snapshot
 
     def collect(self) -> Iterator:
@@ -145,7 +145,7 @@ class SnapshotCollector(Collector):
         yield from (runs, writes, seconds)
 
 
-def _connect_seconds(doc: Snapshot) -> HistogramMetricFamily:
+def _connect_seconds(doc: StatusSnapshot) -> HistogramMetricFamily:
     family = HistogramMetricFamily("ipvslb_backend_connect_seconds",
                                    "Timed client connects by the backend that answered: from the client's "
                                    "SYN to the SYN-ACK.", labels=["service", "backend"])
@@ -158,7 +158,7 @@ def _connect_seconds(doc: Snapshot) -> HistogramMetricFamily:
     return family
 
 
-def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+def registry_for(snapshot: Callable[[], StatusSnapshot]) -> CollectorRegistry:
     """The snapshot's metrics, plus prometheus_client's standard process_* (CPU, memory, file
     descriptors) and python_* (interpreter, garbage collector) collectors."""
     registry = CollectorRegistry()

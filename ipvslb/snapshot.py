@@ -1,7 +1,7 @@
 """The status snapshot: what the daemon knows about itself, its services and their backends,
 as frozen dataclasses. The daemon and the health engine build it; the metrics collector reads
 it in-process; `to_json` is the document the status socket sends (`ipvslb status --json`) and
-`Snapshot.from_json` reads that document back for `ipvslb status`, the demo and the benches."""
+`StatusSnapshot.from_json` reads that document back for `ipvslb status`, the demo and the benches."""
 from __future__ import annotations
 
 import dataclasses
@@ -96,7 +96,7 @@ class NotifyCounts:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class StatusSnapshot:
     version: str
     pid: int
     now: float               # the daemon's monotonic clock, for the times above
@@ -116,15 +116,15 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         """The status socket's document (plain dicts, lists and scalars)."""
-        doc: dict[str, Any] = _codec(Snapshot).dump(self)
+        doc: dict[str, Any] = _codec(StatusSnapshot).dump(self)
         return doc
 
     @classmethod
-    def from_json(cls, doc: object) -> Snapshot:
+    def from_json(cls, doc: object) -> StatusSnapshot:
         """The snapshot a status document describes. SnapshotError naming the key when one
         is missing, unknown or of the wrong type (a daemon of another version, or not ipvslb)."""
         try:
-            snap: Snapshot = _codec(Snapshot).load(doc)
+            snap: StatusSnapshot = _codec(StatusSnapshot).load(doc)
         except _Bad as bad:
             where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in bad.path).removeprefix(".")
             raise SnapshotError(f"{where or 'the document'}: {bad.message}") from None

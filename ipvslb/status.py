@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ipvslb.snapshot import Snapshot, SnapshotError
+from ipvslb.snapshot import StatusSnapshot, SnapshotError
 
 # An answer larger than this is not from ipvslb (a daemon with 10 000 backends sends a few MB).
 MAX_ANSWER_BYTES = 64 << 20
@@ -116,23 +116,23 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def fetch_snapshot(path: str, timeout: float = 5.0) -> Snapshot:
+def fetch_snapshot(path: str, timeout: float = 5.0) -> StatusSnapshot:
     """`fetch`, then `parse`: the running daemon's snapshot (OSError, StatusError)."""
     return parse(fetch(path, timeout))
 
 
-def parse(doc: dict) -> Snapshot:
+def parse(doc: dict) -> StatusSnapshot:
     """The snapshot a status document (from `fetch`) describes. StatusError naming the key
     when it is not what this version sends (a daemon of another version, or not ipvslb)."""
     if set(doc) == {"error"}:   # the daemon could not build its snapshot (Daemon._status_snapshot)
         raise StatusError(f"the daemon reported: {doc['error']}")
     try:
-        return Snapshot.from_json(doc)
+        return StatusSnapshot.from_json(doc)
     except SnapshotError as err:
         raise StatusError(f"not a status document: {err}") from None
 
 
-def render(snap: Snapshot) -> str:
+def render(snap: StatusSnapshot) -> str:
     """The human table: one block per service, one row per backend."""
     now = snap.now
     lines = [f"ipvslb {snap.version} pid {snap.pid}, attribution: {snap.attribution}, "

@@ -22,7 +22,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))  # a script in testbed/: the checkout's packages
 
 from ipvslb import status  # noqa: E402
-from ipvslb.snapshot import Snapshot  # noqa: E402
+from ipvslb.snapshot import StatusSnapshot  # noqa: E402
 from tests.kernel import topology  # noqa: E402
 from tests.kernel.client import CONNECT_TIMEOUT, RATE, ClientLoop  # noqa: E402
 
@@ -36,7 +36,7 @@ class WeightWatch:
     def __init__(self, socket_path: str):
         self.path = socket_path
         self.changes: list[tuple[float, str, int, str]] = []  # (time, backend, weight, state)
-        self.latest: Snapshot | None = None
+        self.latest: StatusSnapshot | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -172,7 +172,7 @@ def run_here(fault_seconds: float = 10.0) -> int:
     return 0
 
 
-def _fully_back(snap: Snapshot | None, endpoints: set[str]) -> bool:
+def _fully_back(snap: StatusSnapshot | None, endpoints: set[str]) -> bool:
     rows = [b for s in snap.services for b in s.backends if b.endpoint in endpoints] if snap else []
     return len(rows) == len(endpoints) and all(
         b.state == "healthy" and b.weight == b.configured_weight for b in rows)

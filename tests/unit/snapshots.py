@@ -10,7 +10,7 @@ from ipvslb.snapshot import (
     NotifyCounts,
     ReconcileCounts,
     ServiceSnapshot,
-    Snapshot,
+    StatusSnapshot,
 )
 
 
@@ -33,10 +33,10 @@ def service(name: str = "web", backends: tuple[BackendSnapshot, ...] | list[Back
     return ServiceSnapshot(backends=tuple(backends), **values)
 
 
-def snapshot(services: tuple[ServiceSnapshot, ...] | list[ServiceSnapshot] = (), **fields: Any) -> Snapshot:
+def snapshot(services: tuple[ServiceSnapshot, ...] | list[ServiceSnapshot] = (), **fields: Any) -> StatusSnapshot:
     values: dict[str, Any] = dict(
         version="1", pid=7, now=100.0, started=0.0, attribution="kprobe", lost_records=0, missed_runs=0,
         records={}, counted_successes=0, reconcile=ReconcileCounts(0, 0, 0.0), reloads={}, internal_errors={},
         heartbeats={}, notify=NotifyCounts(0, 0), last_reload_success=1.7e9)
     values.update(fields)
-    return Snapshot(services=tuple(services), **values)
+    return StatusSnapshot(services=tuple(services), **values)

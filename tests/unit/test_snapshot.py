@@ -9,7 +9,7 @@ import pytest
 
 from ipvslb.health.backend import COUNTERS
 from ipvslb.health.states import State
-from ipvslb.snapshot import BackendCounters, ConnectSeconds, Snapshot, SnapshotError
+from ipvslb.snapshot import BackendCounters, ConnectSeconds, StatusSnapshot, SnapshotError
 from tests.unit import snapshots
 from tests.unit.test_metrics import _tcp_connects, running  # noqa: F401
 
@@ -25,7 +25,7 @@ BACKEND_KEYS = {"endpoint", "address", "port", "state", "weight", "configured_we
 OPTIONAL_BACKEND_KEYS = {"connect_seconds", "drained"}   # only when timed, only when drained
 
 
-def full() -> Snapshot:
+def full() -> StatusSnapshot:
     """A snapshot with every optional part present."""
     return snapshots.snapshot(
         [snapshots.service("web", frozen=True, freeze_reason="no path", backends=[
@@ -38,8 +38,8 @@ def full() -> Snapshot:
         records={"connect": 4}, reloads={"ok": 1}, internal_errors={"tick": 2}, heartbeats={"tick": 99.5})
 
 
-def through_the_socket(snap: Snapshot) -> Snapshot:
-    return Snapshot.from_json(json.loads(json.dumps(snap.to_json())))
+def through_the_socket(snap: StatusSnapshot) -> StatusSnapshot:
+    return StatusSnapshot.from_json(json.loads(json.dumps(snap.to_json())))
 
 
 def test_a_snapshot_reads_back_from_its_json():
@@ -107,12 +107,12 @@ def edited(edit) -> dict:
 ])
 def test_a_document_of_another_shape_is_refused_naming_the_key(edit, message):
     with pytest.raises(SnapshotError) as err:
-        Snapshot.from_json(edited(edit))
+        StatusSnapshot.from_json(edited(edit))
     assert str(err.value).startswith(message), str(err.value)
 
 
 def test_optional_backend_keys_may_be_absent_and_a_number_may_be_an_int():
     doc = edited(lambda d: d["services"][0]["backends"][0].pop("drained"))
     doc["now"] = 100
-    snap = Snapshot.from_json(doc)
+    snap = StatusSnapshot.from_json(doc)
     assert snap.services[0].backends[0].drained is False and snap.now == 100.0 and isinstance(snap.now, float)
