@@ -20,7 +20,7 @@ import re
 import reprlib
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -187,7 +187,11 @@ def _join(path: str, key: Any) -> str:
 
 # --- YAML ------------------------------------------------------------------------------
 
-class _Checks:
+# The loaders' base, as mypy sees it: _Checks is mixed into PyYAML's loaders.
+_LoaderBase = yaml.SafeLoader if TYPE_CHECKING else object
+
+
+class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
     """What both loaders add to PyYAML's safe loading: duplicate mapping keys noted, which
     PyYAML would silently let the last one win (a service with two `port:` lines), and the
     node under construction remembered, so that a failed conversion can say where it was."""
@@ -230,7 +234,7 @@ class _Checks:
     def _compose_services(self, parent: yaml.Node, index: yaml.Node) -> yaml.SequenceNode:
         """The `services` sequence; an entry whose text is in _reusable is skipped, not
         composed: a _ReusedNode stands for it."""
-        text, reusable, by_first_line = self.reuse_text, _reusable, _reusable_by_first_line
+        text, reusable, by_first_line = self.reuse_text or "", _reusable, _reusable_by_first_line
         start = self.get_event()
         node = yaml.SequenceNode(self.resolve(yaml.SequenceNode, None, start.implicit), [], start.start_mark, None,
                                  flow_style=start.flow_style)
@@ -325,7 +329,7 @@ if getattr(yaml, "__with_libyaml__", False):
 
     _FastLoader.add_constructor("tag:yaml.org,2002:int", _Checks.construct_yaml_int)
 else:
-    _FastLoader = None
+    _FastLoader = None  # type: ignore[misc,assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +389,8 @@ _NEXT_TOKEN = re.compile(r"[ \t\r\n]*")
 def _ends_entry(text: str, at: int, first_line: str) -> bool:
     """Whether an entry of the sequence whose first line is `first_line` probably ends at
     `at`: only blanks follow, up to the end or to a line indented no deeper than its `-`."""
-    after = _NEXT_TOKEN.match(text, at).end()
+    blanks = _NEXT_TOKEN.match(text, at)  # always matches (maybe nothing)
+    after = blanks.end() if blanks else at
     if after == len(text):
         return True
     column = after - (text.rfind("\n", 0, after) + 1)
