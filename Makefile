@@ -135,7 +135,7 @@ test-molecule: ansible-venv venv apt-repo collection-install
 	done
 
 # --- Benchmarks (scripts that print tables, not tests; docs/benchmarks.md has their results).
-.PHONY: bench-failover bench-tracer bench-ipvs
+.PHONY: bench-failover bench-tracer bench-ipvs bench-reload
 BENCH_KERNEL ?= 6.12
 
 bench-failover: venv
@@ -160,3 +160,7 @@ bench-tracer: venv
 bench-ipvs: venv
 	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
 	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/ipvs_apply.py"
+
+bench-reload: venv
+	$(PY) testbed/kernels.py fetch $(BENCH_KERNEL)
+	$(PY) testbed/run_vm.py --kernels $(BENCH_KERNEL) --exec "python3 bench/reload_cost.py"
