@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_arguments(undrain)
     undrain.set_defaults(handler=_drain)
 
-    events = sub.add_parser("events", help="stream decoded connection events for the configured VIPs (needs root, BPF)")
-    events.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration naming the VIPs (default {DEFAULT_CONFIG})")
+    events = sub.add_parser("events",
+                            help="stream decoded connection events for the configured VIPs (needs root, BPF)")
+    events.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"configuration naming the VIPs (default {DEFAULT_CONFIG})")
     events.add_argument("--vip", action="append", default=[], metavar="PROTO:ADDR:PORT",
-                        help="watch this VIP instead of the configured ones, e.g. tcp:10.0.0.1:80 or tcp:[fd00::1]:80; repeatable")
+                        help="watch this VIP instead of the configured ones, e.g. tcp:10.0.0.1:80 or "
+                        "tcp:[fd00::1]:80; repeatable")
     events.add_argument("--no-kprobe", action="store_true",
                         help="attribute backends from /proc/net/ip_vs_conn instead of the ip_vs_conn_new kprobe")
     events.set_defaults(handler=_events)
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_daemon_options(command: argparse.ArgumentParser) -> None:
     """--config and --socket, for the commands that talk to a running daemon."""
     command.add_argument("--config", default=DEFAULT_CONFIG,
-                         help=f"the daemon's configuration, whose settings.status_socket is used (default {DEFAULT_CONFIG})")
+                         help="the daemon's configuration, whose settings.status_socket is used "
+                         f"(default {DEFAULT_CONFIG})")
     command.add_argument("--socket", help="status socket, instead of the one the configuration sets "
                          f"(its default: {DEFAULT_STATUS_SOCKET})")
 
@@ -82,7 +86,8 @@ def _add_backend_arguments(command: argparse.ArgumentParser) -> None:
                          help="the backend as ADDR:PORT ([ADDR]:PORT for IPv6), or ADDR when the service has one "
                          "backend at that address")
     command.add_argument("--config", default=DEFAULT_CONFIG,
-                         help=f"the daemon's configuration, whose settings.control_socket is used (default {DEFAULT_CONFIG})")
+                         help="the daemon's configuration, whose settings.control_socket is used "
+                         f"(default {DEFAULT_CONFIG})")
     command.add_argument("--socket", help="control socket, instead of the one the configuration sets "
                          f"(its default: {DEFAULT_CONTROL_SOCKET})")
 

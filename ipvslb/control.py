@@ -10,8 +10,8 @@ closes the connection.
     -> {"ok": false, "error": "what was wrong"}
 
 `drain` and `undrain` answer with the state after the change (`changed` false: it was so
-already), `drained` with the state now (the connection counts are IPVS's). BACKEND may be a bare address when only one of the
-service's backends has it; IPv6 is written [ADDR]:PORT. A request longer than
+already), `drained` with the state now (the connection counts are IPVS's). BACKEND may be a
+bare address when only one of the service's backends has it; IPv6 is written [ADDR]:PORT. A request longer than
 MAX_REQUEST_BYTES, one that is not complete within READ_TIMEOUT seconds, or one that is not
 such a JSON object gets an error answer; nothing a client sends reaches the daemon's state
 unchecked, and a fault in a request's handling is answered, never raised into the loop.
@@ -79,7 +79,8 @@ def parse(data: bytes, services: Sequence[Service]) -> Request:
         raise RequestError(f"backend {_shown(backend)}: expected ADDR:PORT")
     service = next((s for s in services if s.name == name), None)
     if service is None:
-        raise RequestError(f"no service {_shown(name)} in the configuration (services: {_listed(s.name for s in services)})")
+        raise RequestError(f"no service {_shown(name)} in the configuration "
+                           f"(services: {_listed(s.name for s in services)})")
     return Request(command, service, _backend(service, backend))
 
 
@@ -166,7 +167,7 @@ async def serve(path: str, handle: Callable[[bytes], dict]) -> asyncio.AbstractS
             # lose the answer (to a request too long, say): read what it still sends, a bounded amount.
             writer.write_eof()
             await asyncio.wait_for(_discard(reader), LINGER)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass   # the client left or does not read: nothing to tell it
         finally:
             clients -= 1
@@ -178,7 +179,7 @@ async def serve(path: str, handle: Callable[[bytes], dict]) -> asyncio.AbstractS
 async def _answer(reader: asyncio.StreamReader, handle: Callable[[bytes], dict]) -> dict:
     try:
         data = await asyncio.wait_for(_read_line(reader), READ_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return _error(f"request not complete within {READ_TIMEOUT:g} s")
     except RequestError as err:
         return _error(str(err))

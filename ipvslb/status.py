@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ipvslb.snapshot import StatusSnapshot, SnapshotError
+from ipvslb.snapshot import SnapshotError, StatusSnapshot
 
 # An answer larger than this is not from ipvslb (a daemon with 10 000 backends sends a few MB).
 MAX_ANSWER_BYTES = 64 << 20

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.client import ClientLoop
 from tests.kernel import topology
+from tests.kernel.client import ClientLoop
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import WORK, DaemonProcess, first_weight, wait_for
 from tests.kernel.daemonproc import kernel_weights as weights_of  # of a given VIP
@@ -158,7 +158,7 @@ def test_three_of_four_backends_failing_in_turn_are_all_out(client, fresh, four_
     wait_for_history(loop, backends)
     start = time.monotonic()
     times = []
-    for b, mode in zip(backends[:3], ("refuse", "blackhole", "refuse")):
+    for b, mode in zip(backends[:3], ("refuse", "blackhole", "refuse"), strict=True):
         times.append(f"{endpoint(b)} {mode}: out after {fail(b, mode, fresh, 'four') * 1000:.0f} ms")
         time.sleep(2)
     time.sleep(2)

@@ -40,8 +40,10 @@ def stateful_firewall():
 def syn_sent_towards(b, ports: set[int]) -> list[str]:
     """The conntrack tool's view (an oracle independent of ipvslb.conntrack): unanswered
     entries of these client ports whose reply comes from backend `b`."""
-    lines = sh("conntrack", "-L", "-p", "tcp", "--state", "SYN_SENT", "--reply-src", str(b.v4)).stdout.splitlines()
-    return [line for line in lines if f"sport={b.port}" in line and int(line.rsplit("dport=", 1)[1].split()[0]) in ports]
+    listed = sh("conntrack", "-L", "-p", "tcp", "--state", "SYN_SENT", "--reply-src", str(b.v4))
+    lines = listed.stdout.splitlines()
+    return [line for line in lines
+            if f"sport={b.port}" in line and int(line.rsplit("dport=", 1)[1].split()[0]) in ports]
 
 
 @pytest.fixture

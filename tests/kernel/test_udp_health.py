@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from ipvslb.tracer.records import Kind
 from ipvslb.model import HealthSettings
+from ipvslb.tracer.records import Kind
 from ipvslb.udpwatch import STEPS
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import SOCKET, WORK, DaemonProcess, wait_for

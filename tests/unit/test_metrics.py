@@ -95,7 +95,9 @@ def test_connect_histogram_counts_the_timed_connects_per_backend(running):
     svc, backend = _tcp_connects(running, "api", [0.0003, 0.0004, 0.002, 0.3])
     samples = _samples(running)
     lv = {("service", "api"), ("backend", f"{backend[0]}:{backend[1]}")}
-    bucket = lambda le: samples[("ipvslb_backend_connect_seconds_bucket", frozenset(lv | {("le", le)}))]
+
+    def bucket(le):
+        return samples[("ipvslb_backend_connect_seconds_bucket", frozenset(lv | {("le", le)}))]
     assert bucket("0.00025") == 0
     assert bucket("0.0005") == 2
     assert bucket("0.0025") == 3

@@ -9,7 +9,7 @@ import pytest
 
 from ipvslb.health.backend import COUNTERS
 from ipvslb.health.states import State
-from ipvslb.snapshot import BackendCounters, ConnectSeconds, StatusSnapshot, SnapshotError
+from ipvslb.snapshot import BackendCounters, ConnectSeconds, SnapshotError, StatusSnapshot
 from tests.unit import snapshots
 from tests.unit.test_metrics import _tcp_connects, running  # noqa: F401
 
