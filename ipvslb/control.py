@@ -117,7 +117,8 @@ def execute(req: Request, manager) -> dict:
 
 
 def _backend(service: Service, text: str) -> Endpoint:
-    addr, sep, port = text.rpartition(":")
+    addr, sep, port_text = text.rpartition(":")
+    port: str | None = port_text
     if not sep or ":" in addr and not addr.startswith("["):  # a bare address (IPv6 has colons)
         addr, port = text, None
     try:

@@ -140,7 +140,7 @@ class Manager:
         state, self._snapshot = self._snapshot, None   # restored only if all goes well
         trusted = not verify and state is not None and self._clock() - state.taken < self.verify_interval \
             and state.knows(wanted)
-        if not trusted:
+        if not trusted or state is None:  # (trusted only with a snapshot)
             state = self._read(wanted)
             for key in sorted(wanted & state.services.keys() - owned_before, key=str):
                 spec = state.services[key]
