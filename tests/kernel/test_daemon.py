@@ -8,159 +8,15 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from ipvslb import config as config_module
-from ipvslb import health, status
+from ipvslb import health
 from ipvslb.ipvs.client import IPVS
 from ipvslb.ipvs.specs import Op, OpKind, dest_spec, service_spec
-from tests.kernel.client import ClientLoop
-from tests.kernel.conftest import ipvsadm
+from tests.kernel.daemonproc import PORT, VIP, WEIGHT, endpoint, first_weight, kernel_weights, wait_for, write_config
 from tests.kernel.wire import ResetWatch, SynWatch
-
-VIP, PORT = "10.91.0.1", 80
-WORK = Path("/run/ipvslb-test")
-SOCKET = WORK / "status.sock"
-WEIGHT = 10  # large enough for the slow-start ramp to show intermediate weights
-
-
-def write_config(backends, extra_service: str = "") -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "settings:",
-        f"  state_dir: {WORK}/state",
-        f"  status_socket: {SOCKET}",
-        "  metrics_address: 127.0.0.1:9743",
-        "  log_level: debug",
-        "services:",
-        "  - name: web",
-        f"    vip: {VIP}",
-        f"    port: {PORT}",
-        "    scheduler: rr",
-        "    backends:",
-        *[f"      - {{address: {b.v4}, port: {b.port}, weight: {WEIGHT}}}" for b in backends],
-    ]
-    path = WORK / "config.yaml"
-    path.write_text("\n".join(lines) + "\n" + extra_service)
-    return path
-
-
-class DaemonProcess:
-    def __init__(self, config: Path):
-        self.config = config
-        # In the VM runner's results directory when there is one: the host can follow it.
-        self.log_path = Path(os.environ.get("IPVSLB_RESULTS", WORK)) / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 600) -> None:  # bcc compiles for 10 s idle, minutes on a busy host
-        if SOCKET.exists():
-            SOCKET.unlink()
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(self.config)],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not SOCKET.exists():
-            assert self.proc.poll() is None, f"daemon exited: {self.log()}"
-            assert time.monotonic() < deadline, "daemon did not come up"
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def status(self) -> dict:
-        return status.fetch(str(SOCKET))
-
-    def backends(self) -> dict[str, dict]:
-        return {b["endpoint"]: b for s in self.status()["services"] for b in s["backends"]}
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(20)
-
-
-def kernel_weights(vip: str = VIP, port: int = PORT) -> dict[str, int]:
-    """Destination weights of a TCP VIP as ipvsadm (the independent oracle) sees them."""
-    weights, inside = {}, False
-    for line in ipvsadm("-Ln").splitlines():
-        fields = line.split()
-        if fields[:1] == ["TCP"]:
-            inside = fields[1] == f"{vip}:{port}"
-        elif inside and fields[:1] == ["->"] and fields[1][0].isdigit():
-            weights[fields[1]] = int(fields[3])
-    return weights
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll `predicate` (usually the daemon's status) until it is truthy. Not faster: a status
-    request takes 4-15 ms round trip under emulation, served on the daemon's event loop, and
-    evidence that arrives meanwhile waits (at 20 polls/s one refused run in five took 17 ms
-    instead of 7). The tests read their timings from the daemon's weight history, not here."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def first_weight(daemon_backend: dict, weight_is, after: float) -> float | None:
-    return next((t for t, w in daemon_backend["weight_history"] if t >= after and weight_is(w)), None)
-
-
-@pytest.fixture(scope="module")
-def daemon(_session_topology):
-    topo = _session_topology
-    topo.reset()
-    ipvsadm("-C")
-    config = write_config(topo.backends)
-    d = DaemonProcess(config)
-    d.start()
-    yield d
-    d.kill()
-    print(d.log()[-4000:])
-    # The daemon leaves IPVS and its VIPs in place by design; later modules start clean.
-    ipvsadm("-C")
-    subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
-    topo.reset()
-
-
-@pytest.fixture
-def fresh(daemon, _session_topology):
-    """All backends accepting, back at full weight and out of probation (where one failure
-    re-quarantines at once, a path no test means to measure by accident) before the test."""
-    _session_topology.reset()
-    wait_for(lambda: all(b["state"] == "healthy" and b["weight"] == b["configured_weight"]
-                         and b["probation_until"] is None
-                         for b in daemon.backends().values()), 90, "every backend healthy, out of probation")
-    return daemon
-
-
-@pytest.fixture
-def clients():
-    """Starts client loops through the VIP, and stops each when its test ends, passed or
-    failed: a loop left running after a failed assertion would load, and fail, every later
-    test in the module (it once cost CI four failures for one)."""
-    started: list[ClientLoop] = []
-
-    def start(rate: int = 50, timeout: float = 3) -> ClientLoop:
-        loop = ClientLoop(VIP, PORT, rate=rate, timeout=timeout)
-        loop.start()
-        started.append(loop)
-        return loop
-
-    yield start
-    for loop in started:
-        loop.stop()
-
-
-def endpoint(b) -> str:
-    return f"{b.v4}:{b.port}"
 
 
 def test_the_daemon_builds_ipvs_from_its_config(fresh, _session_topology):
@@ -307,7 +163,8 @@ def test_blackholed_backend_with_history_is_out_within_500ms_and_no_connect_fail
 def explain_failures(attempts, fault: float, row: dict, syns: SynWatch, daemon) -> str:
     """What failed or late client connects did, relative to the fault: when each started,
     how it ended, its SYNs to the blackholed backend on the wire, the backend's weights since."""
-    lines = [f"weights since the fault: {[(round(t - fault, 3), w) for t, w in row['weight_history'] if t >= fault - 1]}"]
+    since = [(round(t - fault, 3), w) for t, w in row["weight_history"] if t >= fault - 1]
+    lines = [f"weights since the fault: {since}"]
     for a in attempts:
         sent = [round(t - fault, 3) for t, port in syns.syns if port == a.client_port]
         answered = [round(t - fault, 3) for t, port in syns.syn_acks if port == a.client_port]
