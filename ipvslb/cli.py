@@ -126,7 +126,7 @@ def _drain(args: argparse.Namespace) -> int:
         return 1
     started = time.monotonic()
     try:
-        answer = control.request(path, args.command, args.service, args.backend)
+        first = control.request(path, args.command, args.service, args.backend)
     except control.ControlError as err:
         print(f"ipvslb: {args.command} {args.service} {args.backend}: {err}", file=sys.stderr)
         return 1
@@ -134,12 +134,13 @@ def _drain(args: argparse.Namespace) -> int:
         print(f"ipvslb: cannot reach the daemon's control socket {path}: {err.strerror or err}. "
               "Is `ipvslb run` running?", file=sys.stderr)
         return 1
-    done = "drained" if answer["drained"] else "undrained"
-    print(f"{answer['service']} {answer['backend']}: {done if answer.get('changed') else 'already ' + done}, "
-          f"weight {answer.get('weight', '?')}, {answer.get('active_connections', '?')} active connections",
+    done = "drained" if first["drained"] else "undrained"
+    print(f"{first['service']} {first['backend']}: {done if first.get('changed') else 'already ' + done}, "
+          f"weight {first.get('weight', '?')}, {first.get('active_connections', '?')} active connections",
           flush=True)
     if not wait:
         return 0
+    answer: dict | None = first
     deadline = None if args.timeout is None else started + args.timeout
     while answer is None or answer.get("active_connections") != 0:
         if deadline is not None and time.monotonic() >= deadline:
@@ -158,6 +159,7 @@ def _drain(args: argparse.Namespace) -> int:
         if answer is not None and not answer["drained"]:
             print(f"ipvslb: drain {args.service} {args.backend}: undrained while waiting", file=sys.stderr)
             return 1
+    assert answer is not None  # the loop ends on an answer with no active connection
     print(f"{answer['service']} {answer['backend']}: no active connections after "
           f"{time.monotonic() - started:.1f} s", flush=True)
     return 0

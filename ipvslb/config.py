@@ -128,6 +128,7 @@ def parse(text: str, source: str = "<string>") -> model.Config:
     for entry in report.checked_services:
         by_first_line.setdefault(entry.split("\n", 1)[0], []).append(entry)
     _reusable, _reusable_by_first_line = report.checked_services, by_first_line
+    assert config is not None  # no error messages: every part was valid
     return config
 
 
@@ -511,9 +512,9 @@ def _integer(low: int, high: int | None = None, *, nullable: bool = False) -> _F
 
 def _number(*, above: float | None = None, at_least: float | None = None,
             below: float | None = None, at_most: float | None = None) -> _Field:
-    bounds = [(above, ">", float.__gt__), (at_least, ">=", float.__ge__),
-              (below, "<", float.__lt__), (at_most, "<=", float.__le__)]
-    bounds = [(limit, sign, test) for limit, sign, test in bounds if limit is not None]
+    given = [(above, ">", float.__gt__), (at_least, ">=", float.__ge__),
+             (below, "<", float.__lt__), (at_most, "<=", float.__le__)]
+    bounds = [(float(limit), sign, test) for limit, sign, test in given if limit is not None]
     expected = "a number " + " and ".join(f"{sign} {limit:g}" for limit, sign, _ in bounds)
 
     def convert(value: Any) -> float:
@@ -525,7 +526,7 @@ def _number(*, above: float | None = None, at_least: float | None = None,
             raise _Invalid("out of range") from None
         if not math.isfinite(number):
             raise _Invalid("not a finite number")
-        if not all(test(number, float(limit)) for limit, _, test in bounds):
+        if not all(test(number, limit) for limit, _, test in bounds):
             raise _Invalid("out of range")
         return number
     return _scalar(expected, convert)
@@ -710,7 +711,7 @@ def _raw(expected: str) -> _Field:
 def _default(cls: type, name: str, field: _Field | None = None) -> Any:
     if field is not None and field.default is not _NOTHING:
         return field.default
-    f = cls.__dataclass_fields__[name]
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
@@ -1025,18 +1026,20 @@ def _services() -> _Field:
             report.error(path, "not a list", "a list of services", value)
             return _INVALID
         texts = report.service_texts if report.service_texts and len(report.service_texts) == len(value) else None
-        checked = []
+        checked: list[tuple[dict[str, Any], model.Service | None]] = []
         for i, item in enumerate(value):
+            text = texts[i] if texts is not None else None
             if isinstance(item, _Reused):
                 checked.append((item.values, item.service))
             else:
                 before = len(report.messages)
-                checked.append(_service(item, f"{path}[{i}]", report))
-                if texts is None or texts[i] is None or checked[-1][1] is None or len(report.messages) > before:
+                values, service = _service(item, f"{path}[{i}]", report)
+                checked.append((values, service))
+                if text is None or service is None or len(report.messages) > before:
                     continue
-                item = _Reused(*checked[-1])
-            if texts is not None and texts[i] is not None:
-                report.checked_services[texts[i]] = item
+                item = _Reused(values, service)
+            if text is not None:
+                report.checked_services[text] = item
         unique = _unique_services([values for values, _ in checked], path, report)
         services = tuple(service for _, service in checked)
         return services if unique and all(s is not None for s in services) else _INVALID
@@ -1080,13 +1083,15 @@ def _backends(raw: Any, path: str, report: _Report,
         item_path = f"{path}[{i}]"
         values, ok = _backend(item, item_path, report, service.get("port"))
         ok = _backend_fits(values, item, item_path, report, service) and ok
-        key = (values.get("address"), values.get("port"))
-        if key[0] is not None and key[1] is not None and first.setdefault(key, i) != i:
+        address, port = values.get("address"), values.get("port")
+        if address is not None and port is not None and first.setdefault((address, port), i) != i:
             report.error(item_path, "duplicate backend",
-                         f"each address and port once (backends[{first[key]}] has it)", model.format_endpoint(key))
+                         f"each address and port once (backends[{first[(address, port)]}] has it)",
+                         model.format_endpoint((address, port)))
             ok = False
         backends.append(model.Backend(**values) if ok else None)
-    return tuple(backends) if all(b is not None for b in backends) else None
+    complete = [b for b in backends if b is not None]
+    return tuple(complete) if len(complete) == len(backends) else None
 
 
 def _backend(raw: Any, path: str, report: _Report, service_port: int | None) -> tuple[dict[str, Any], bool]:
@@ -1154,11 +1159,12 @@ def _unique_services(services: list[dict[str, Any]], path: str, report: _Report)
             report.error(f"{path}[{i}].name", "duplicate name",
                          f"a name no other service has ({path}[{names[name]}] has it)", name)
             ok = False
-        key = tuple(service.get(k) for k in ("protocol", "vip", "port"))
-        if None not in key and keys.setdefault(key, i) != i:
+        protocol, vip, port = service.get("protocol"), service.get("vip"), service.get("port")
+        if protocol is not None and vip is not None and port is not None \
+                and (first := keys.setdefault((protocol, vip, port), i)) != i:
             report.error(f"{path}[{i}]", "duplicate protocol, vip and port",
-                         f"each once across services ({path}[{keys[key]}] has it)",
-                         f"{key[0]} {model.format_endpoint(key[1:])}")
+                         f"each once across services ({path}[{first}] has it)",
+                         f"{protocol} {model.format_endpoint((vip, port))}")
             ok = False
     return ok
 

@@ -111,8 +111,9 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ipvslb import model
 from ipvslb.health.backend import BackendHealth
@@ -295,9 +296,10 @@ class ServiceHealth:
     def _connect_deadline(self, b: BackendHealth) -> float | None:
         """max(floor, multiple x p99), or None while the history is too short to trust."""
         s = self.settings
-        if len(b.history) < max(1, s.connect_history_min):
+        p99 = b.history.p99()
+        if p99 is None or len(b.history) < max(1, s.connect_history_min):
             return None
-        return max(s.connect_deadline_floor, s.connect_deadline_multiple * b.history.p99())
+        return max(s.connect_deadline_floor, s.connect_deadline_multiple * p99)
 
     def _probe_timeout(self, b: BackendHealth) -> float:
         trusted = self._connect_deadline(b)
@@ -565,7 +567,7 @@ class ServiceHealth:
             return self._success(b, ev.t, now)  # seen late: a success with no connect time
         # Time the connect on this backend, not since an earlier attempt IPVS rescheduled.
         started_here = pending is not None and pending.backend == ev.backend
-        connect_time = ev.t - pending.started if started_here else ev.connect_time
+        connect_time = ev.t - pending.started if pending is not None and started_here else ev.connect_time
         b.history.add(connect_time)
         if b.probe_outstanding:
             b.slow_success_during_probe = max(b.slow_success_during_probe, connect_time)
@@ -759,7 +761,7 @@ class ServiceHealth:
         b.next_probe_at = now + self._jittered(b.interval)
         return actions
 
-    _HANDLERS = {
+    _HANDLERS: dict[type, Callable[[ServiceHealth, Any, float], list[Action]]] = {
         ConnectStarted: _on_connect_started,
         Established: _on_established,
         Successes: _on_successes,
@@ -818,7 +820,10 @@ class ServiceHealth:
 
     def _ramp_step(self, b: BackendHealth, now: float) -> list[Action]:
         s = self.settings
-        ramp_end = b.ramp_start + s.slow_start
+        # Scheduled only while ramping, after the ramp and its probation were set.
+        assert b.ramp_start is not None and b.probation_until is not None
+        ramp_start = b.ramp_start
+        ramp_end = ramp_start + s.slow_start
         if now >= ramp_end:
             b.next_ramp_step = None
             b.ramp_start = None
@@ -826,10 +831,10 @@ class ServiceHealth:
                                  f"slow start complete; probation until +{b.probation_until - now:g} s")
             return actions + self._set_weight(b, b.config.weight, "slow start complete")
         weight = self._ramp_weight(b, now)
-        step = math.floor((now - b.ramp_start) / RAMP_STEP) + 1
-        if b.ramp_start + step * RAMP_STEP <= now:
+        step = math.floor((now - ramp_start) / RAMP_STEP) + 1
+        if ramp_start + step * RAMP_STEP <= now:
             step += 1  # (3.03 - 2.03) / 1 floors to 0: always move strictly forward
-        b.next_ramp_step = min(b.ramp_start + step * RAMP_STEP, ramp_end)
+        b.next_ramp_step = min(ramp_start + step * RAMP_STEP, ramp_end)
         return self._set_weight(b, weight, f"slow start {weight}/{b.config.weight}")
 
     def _forget_stale_pending(self, now: float) -> None:

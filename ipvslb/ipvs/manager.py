@@ -56,6 +56,7 @@ class Manager:
     def __init__(self, settings: model.Settings, ipvs: IPVS | None = None, vips: VipInterface | None = None,
                  sysctl_root: Path = sysctls.PROC, clock: Callable[[], float] = time.monotonic):
         self.ipvs = IPVS() if ipvs is None else ipvs
+        self.vips: VipInterface | None
         if settings.manage_vips:
             self.vips = VipInterface(settings.vip_interface) if vips is None else vips
         else:
@@ -151,10 +152,11 @@ class Manager:
         # Only addresses we add are ours: one an administrator put there stays theirs.
         added = vips_wanted - state.vips
         if added:
+            assert self.vips is not None  # VIPs are wanted only when they are managed
             self.ownership.record(self.ownership.services, self.ownership.vips | added)
-        for vip in added:
-            self.vips.add(vip)
-            state.vips.add(vip)
+            for vip in added:
+                self.vips.add(vip)
+                state.vips.add(vip)
 
         ops = reconcile.plan(desired, state.services, state.dests, self.ownership.services)
         failures = self.ipvs.execute(ops)
