@@ -617,12 +617,17 @@ class Daemon:
             active_checks.cancel()
             verify.cancel()
             self.executor.cancel()
-            # The hooks running now end (each is killed at settings.notify_timeout); the
-            # waiting ones are dropped.
-            await self.notifier.close()
+            # No evidence and no timer after this point: the tracer and IPVS close below,
+            # while the loop still runs what is scheduled.
             loop.remove_reader(self.tracer.fileno())
             if self._drain_handle is not None:
                 self._drain_handle.cancel()
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+                self._tick_handle = None
+            # The hooks running now end (each is killed at settings.notify_timeout); the
+            # waiting ones are dropped.
+            await self.notifier.close()
             server.close()
             control_server.close()
             self.tracer.close()

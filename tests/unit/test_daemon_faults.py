@@ -508,3 +508,34 @@ def test_systemd_is_told_alive_only_while_the_tracer_reads(place, monkeypatch):
         assert await watch(lambda: d.internal_errors["evidence"] >= 3) == 0
     asyncio.run(main())
     assert d.internal_errors["evidence"] >= 3
+
+
+def test_a_tick_due_while_the_daemon_stops_never_runs_on_the_closed_tracer(place):
+    d, kernel, tracer = make(place, WEB)
+    closed = []
+    original_close = tracer.close
+
+    def close():
+        closed.append(True)
+        original_close()
+
+    def read(timeout_ms=0):
+        if closed:
+            raise ValueError("I/O operation on closed epoll object")   # as the real tracer's
+        return []
+    tracer.close, tracer.read = close, read
+
+    async def main():
+        run = asyncio.create_task(d.run())
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if "READY" in place.notes:
+                break
+        loop = asyncio.get_running_loop()
+        # A timer due during the shutdown, as a slow-start step or a connect deadline is.
+        d._tick_handle = loop.call_later(0.05, d._tick)
+        d._stop.set()
+        await run
+        await asyncio.sleep(0.2)
+    asyncio.run(main())
+    assert closed and d.internal_errors == {}
