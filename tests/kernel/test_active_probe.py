@@ -16,11 +16,14 @@ import pytest
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import VIP, WORK, DaemonProcess, first_weight, wait_for, write_config
 
+pytestmark = pytest.mark.one_kernel
+
 ACTIVE_PORT, QUIET_PORT = 8081, 8082
 INTERVAL, PROBE_TIMEOUT, JITTER = 1.0, 0.5, 0.2
 SERVER = r"""
 import http.server, sys
 from pathlib import Path
+
 port, status_file, count_file = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 served = 0
 class Handler(http.server.BaseHTTPRequestHandler):

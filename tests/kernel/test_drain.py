@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from ipvslb import control
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import PORT, VIP, WEIGHT, WORK, endpoint, kernel_weights, wait_for, write_config
+
+pytestmark = pytest.mark.one_kernel
 
 CONTROL = str(WORK / "control.sock")
 

@@ -16,6 +16,8 @@ import pytest
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import SOCKET, WORK, DaemonProcess, endpoint, wait_for, write_config
 
+pytestmark = pytest.mark.one_kernel
+
 JOURNALD = Path("/lib/systemd/systemd-journald")
 NOTES = WORK / "notes"
 # The daemon as systemd starts a unit's main process: stderr a journal stream (systemd-cat
