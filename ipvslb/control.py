@@ -236,18 +236,12 @@ def request(path: str, command: str, service: str, backend: str, timeout: float 
     """Send one request; the answer when it is {"ok": true}. ControlError with the daemon's
     message otherwise, OSError when the socket cannot be reached."""
     line = json.dumps({"command": command, "service": service, "backend": backend}).encode() + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line)
-        chunks, size = [], 0
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise ControlError("answer longer than 1 MiB: not an ipvslb control socket")
     try:
-        doc = json.loads(b"".join(chunks).decode("utf-8"))
+        data = status.ask(path, line, MAX_ANSWER_BYTES, timeout)
+    except status.AnswerTooLong as err:
+        raise ControlError(f"{err}: not an ipvslb control socket") from None
+    try:
+        doc = json.loads(data.decode("utf-8"))
     except ValueError:  # UnicodeDecodeError too
         raise ControlError("the answer is not JSON: not an ipvslb control socket") from None
     if not isinstance(doc, dict) or "ok" not in doc:

@@ -79,19 +79,34 @@ async def listen(path: str, handler: Callable, setting: str = "status_socket") -
         os.umask(old)
 
 
-def fetch(path: str, timeout: float = 5.0) -> dict:
-    """The daemon's status document. OSError when it cannot be reached, StatusError when
-    what answers is not an ipvslb status socket."""
+class AnswerTooLong(ValueError):
+    pass
+
+
+def ask(path: str, request: bytes, cap: int, timeout: float) -> bytes:
+    """Send `request` (may be empty) to a daemon's Unix socket and read its whole answer, at
+    most `cap` bytes (AnswerTooLong beyond). OSError when the socket cannot be reached."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
+        if request:
+            s.sendall(request)
         chunks, size = [], 0
         while chunk := s.recv(65536):
             chunks.append(chunk)
             size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise StatusError(f"answer longer than {MAX_ANSWER_BYTES >> 20} MiB")
-    data = b"".join(chunks)
+            if size > cap:
+                raise AnswerTooLong(f"answer longer than {cap >> 20} MiB")
+    return b"".join(chunks)
+
+
+def fetch(path: str, timeout: float = 5.0) -> dict:
+    """The daemon's status document. OSError when it cannot be reached, StatusError when
+    what answers is not an ipvslb status socket."""
+    try:
+        data = ask(path, b"", MAX_ANSWER_BYTES, timeout)
+    except AnswerTooLong as err:
+        raise StatusError(str(err)) from None
     if not data:
         raise StatusError("connection closed without an answer")
     try:
