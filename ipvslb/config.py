@@ -18,6 +18,7 @@ import math
 import os
 import re
 import reprlib
+import secrets
 import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -199,10 +200,12 @@ class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
 
     duplicates: list[str]
     current: yaml.Node | None
-    # The text, when entries of `services` may be reused (see _reusable); the text of
-    # each entry, to keep it for the next parse.
+    # The text being composed, when the texts of entries of `services` are kept for
+    # reuse; the reused entries its placeholders stand for, in order (see _shortened); the
+    # text of each entry (None: not reusable).
     reuse_text: str | None = None
-    service_texts: list[str] | None = None
+    reused_entries: list[str] = []
+    service_texts: list[str | None] | None = None
 
     def compose_document(self):
         self.get_event()  # DOCUMENT-START, as Composer.compose_document
@@ -233,38 +236,34 @@ class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
         return node
 
     def _compose_services(self, parent: yaml.Node, index: yaml.Node) -> yaml.SequenceNode:
-        """The `services` sequence; an entry whose text is in _reusable is skipped, not
-        composed: a _ReusedNode stands for it."""
-        text, reusable, by_first_line = self.reuse_text or "", _reusable, _reusable_by_first_line
+        """The `services` sequence: a placeholder entry becomes a _ReusedNode for the entry
+        it stands for; any other entry is composed, and its text kept if it is a block
+        entry (`-` first on its line)."""
+        text, reused = self.reuse_text or "", self.reused_entries
         start = self.get_event()
         node = yaml.SequenceNode(self.resolve(yaml.SequenceNode, None, start.implicit), [], start.start_mark, None,
                                  flow_style=start.flow_style)
-        self.service_texts = texts = []
+        texts: list[str | None] = []
+        self.service_texts = texts
+        used = 0
         while not self.check_event(yaml.SequenceEndEvent):
-            begin = self.peek_event().start_mark.index
-            line = text.rfind("\n", 0, begin) + 1
-            end_of_line = text.find("\n", begin)
-            first_line = text[line:end_of_line if end_of_line >= 0 else len(text)]
-            found = next((t for t in by_first_line.get(first_line, ())
-                          if text.startswith(t, line) and _ends_entry(text, line + len(t), first_line)), None)
-            if found is None:
-                entry = self.compose_node(node, len(node.value))
-                texts.append(text[line:entry.end_mark.index].rstrip(_BLANK))
-                node.value.append(entry)
+            event = self.peek_event()
+            if isinstance(event, yaml.ScalarEvent) and event.value.startswith(_PLACEHOLDER):
+                self.get_event()
+                if used == len(reused) or event.value != f"{_PLACEHOLDER}{used}":
+                    raise _ReuseMismatch()
+                texts.append(reused[used])
+                node.value.append(_ReusedNode(event.start_mark, event.end_mark, _reusable[reused[used]]))
+                used += 1
                 continue
-            first_mark, depth = self.peek_event().start_mark, 0
-            while True:
-                event = self.get_event()
-                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                    depth += 1
-                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                    depth -= 1
-                if depth == 0:
-                    break
-            if text[line:event.end_mark.index].rstrip(_BLANK) != found:
-                raise _ReuseMismatch()  # the entry went on: parsed again without reuse
-            texts.append(found)
-            node.value.append(_ReusedNode(first_mark, event.end_mark, reusable[found]))
+            begin = event.start_mark.index
+            line = text.rfind("\n", 0, begin) + 1
+            entry = self.compose_node(node, len(node.value))
+            block = not start.flow_style and _ENTRY_START.fullmatch(text, line, begin)
+            texts.append(text[line:entry.end_mark.index].rstrip(_BLANK) if block else None)
+            node.value.append(entry)
+        if used != len(reused):
+            raise _ReuseMismatch()  # a placeholder ended up elsewhere: the entry was not one
         node.end_mark = self.get_event().end_mark
         return node
 
@@ -349,13 +348,16 @@ def _where(mark: yaml.Mark) -> str:
 
 
 # --- services reused between parses ----------------------------------------------------
-# A reload re-reads the whole file, but mostly for one changed service: an entry of
-# `services` whose text is the same as in the last good parse is not constructed and
-# checked again (two thirds of a parse); its checked values and model.Service are reused,
-# the very objects, so that the daemon's reload finds them unchanged by identity too.
-# The text of an entry decides its value only when nothing in it refers elsewhere: files
-# with anchors, aliases or tags (`&`, `*`, `!` anywhere, comments included) and non-ASCII
-# files (marks of libyaml count otherwise) are checked in full.
+# A reload re-reads the whole file, but mostly for one changed service. An entry of
+# `services` whose text is the same as in the last good parse is neither parsed nor
+# checked again: _shortened replaces it with a placeholder entry on the same lines, and its
+# checked values and model.Service are reused, the very objects, so that the daemon's
+# reload finds them unchanged by identity too. The placeholders must come back, in order,
+# as entries of `services`, else the file is parsed in full: that holds only where the
+# replaced text was a whole entry. The text of an entry decides its value only when
+# nothing in it refers elsewhere: files with anchors, aliases, tags or block scalars (`&`,
+# `*`, `!`, `|`, `>` anywhere, comments included) and non-ASCII files (whose marks libyaml
+# counts in bytes) are parsed in full.
 
 
 class _Reused:
@@ -374,57 +376,100 @@ class _ReusedNode(yaml.ScalarNode):
 
 
 class _ReuseMismatch(Exception):
-    """An entry began as a reusable one's text but did not end where that text does."""
+    """A placeholder did not come back as an entry of `services`."""
 
 
 # Entry text (from its line's start to its end) -> the checked entry, of the last good
-# parse; and the entries' texts by their first line, to find them while composing.
+# parse; and the entries' texts by their first line, to find them in the next text.
 _reusable: dict[str, _Reused] = {}
 _reusable_by_first_line: dict[str, list[str]] = {}
+# A plain scalar no file holds: its tail is random per process.
+_PLACEHOLDER = f"ipvslb-reused-{secrets.token_hex(8)}-"
 # Trailing blanks are not part of an entry (block scalars, whose kept trailing newlines
 # would be, are never reused: see _read_yaml).
 _BLANK = " \t\r\n"
-_NEXT_TOKEN = re.compile(r"[ \t\r\n]*")
+# What comes before a block entry's first token on its line.
+_ENTRY_START = re.compile(r" *-[ \t]+")
+# What may follow an entry: blanks to the end of its last line, then blank and comment lines.
+_TRAILER = re.compile(r"[ \t\r]*(?:\n[ \t\r]*(?:#[^\n]*)?)*")
 
 
 def _ends_entry(text: str, at: int, first_line: str) -> bool:
-    """Whether an entry of the sequence whose first line is `first_line` probably ends at
-    `at`: only blanks follow, up to the end or to a line indented no deeper than its `-`."""
-    blanks = _NEXT_TOKEN.match(text, at)  # always matches (maybe nothing)
-    after = blanks.end() if blanks else at
+    """Whether an entry of a block sequence whose first line is `first_line` ends at `at`:
+    only blanks and comment lines follow, up to the end or to a line indented no deeper
+    than its `-` (which closes every block inside the entry). A cheap first test: where it
+    errs, the placeholder does not come back as an entry and the file is parsed in full."""
+    after = _TRAILER.match(text, at).end()  # type: ignore[union-attr]  # matches the empty string
     if after == len(text):
         return True
-    column = after - (text.rfind("\n", 0, after) + 1)
-    return column <= len(first_line) - len(first_line.lstrip(" "))
+    line = text.rfind("\n", 0, after) + 1
+    return line > at and after - line <= len(first_line) - len(first_line.lstrip(" "))
+
+
+def _shortened(text: str) -> tuple[str, list[str]]:
+    """`text` with each entry found in _reusable replaced by a placeholder entry on its
+    first line and as many line breaks as it had (so every other line and column stays
+    where it is), and the entries replaced, in order."""
+    by_first_line = _reusable_by_first_line
+    parts: list[str] = []
+    found: list[str] = []
+    size, done, at = len(text), 0, 0
+    while at < size:
+        end = text.find("\n", at)
+        end = size if end < 0 else end
+        first_line = text[at:end]
+        candidates = by_first_line.get(first_line)
+        entry = next((t for t in candidates if text.startswith(t, at) and _ends_entry(text, at + len(t), first_line)),
+                     None) if candidates else None
+        if entry is not None:
+            dash = _ENTRY_START.match(entry)  # kept entries all start so
+            assert dash is not None
+            parts += [text[done:at + dash.end()], f"{_PLACEHOLDER}{len(found)}", "\n" * entry.count("\n")]
+            found.append(entry)
+            done = at + len(entry)
+            end = text.find("\n", done)
+            end = size if end < 0 else end
+        at = end + 1
+    parts.append(text[done:])
+    return "".join(parts), found
 
 
 def _read_yaml(text: str, report: _Report) -> Any:
+    reusable = text.isascii() and not any(c in text for c in "&*!|>")
     # Python's reader refuses these characters before parsing; libyaml's does not all.
-    reuse = text.isascii() and not any(c in text for c in "&*!|>")
-    if _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
+    fast = _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if reusable and _reusable:
+        short, found = _shortened(text)
+        if found:
+            try:
+                return _read_yaml_with(_FastLoader if fast else _Loader, short, report, found)
+            except (_ReuseMismatch, ConfigError):
+                pass  # parsed in full: errors are worded on the file as it is
+    if fast:
         try:
-            return _read_yaml_with(_FastLoader, text, report, reuse)
-        except _ReuseMismatch:
-            return _read_yaml_with(_FastLoader, text, report, False)
+            return _read_yaml_with(_FastLoader, text, report, [] if reusable else None)
         except ConfigError:
             pass  # described by PyYAML's parser, as `check-config` always words it
-    try:
-        return _read_yaml_with(_Loader, text, report, reuse)
-    except _ReuseMismatch:
-        return _read_yaml_with(_Loader, text, report, False)
+    return _read_yaml_with(_Loader, text, report, [] if reusable else None)
 
 
-def _read_yaml_with(loader_class: type, text: str, report: _Report, reuse: bool) -> Any:
+def _read_yaml_with(loader_class: type, text: str, report: _Report, reused: list[str] | None) -> Any:
+    """The document; with `reused` (not None), `text` has a placeholder for each of its
+    entries, and the texts of entries are kept."""
     def fail(problem: str) -> ConfigError:
         return ConfigError([f"{report.source}: {problem}"])
 
+    report.service_texts = None
     try:
         loader = loader_class(text)
     except yaml.YAMLError as err:  # ReaderError: a character YAML does not allow
         raise fail(f"not valid YAML: {_one_line(err)}") from None
-    loader.reuse_text = text if reuse else None
+    if reused is not None:
+        loader.reuse_text, loader.reused_entries = text, reused
     try:
         node = loader.get_single_node()
+        if reused and loader.service_texts is None:
+            raise _ReuseMismatch()  # no `services` took the placeholders
         report.service_texts = loader.service_texts
         doc = None if node is None else loader.construct_document(node)
     except _ReuseMismatch:

@@ -75,3 +75,40 @@ def test_an_anchor_anywhere_turns_reuse_off():
     first = config.parse(text)
     second = config.parse(text + "# &anchor\n")
     assert second == first and not any(a is b for a, b in zip(first.services, second.services, strict=True))
+
+
+def test_a_reload_parses_only_the_changed_entry_and_keeps_lines():
+    config.parse(HEAD + "".join(service(i) for i in range(20)))
+    text = HEAD + "".join(service(i, 2 if i == 7 else 3) for i in range(20))
+    short, found = config._shortened(text)
+    assert len(found) == 19 and service(7, 2).rstrip() in short
+    assert short.count("\n") == text.count("\n")   # errors elsewhere keep their line numbers
+    assert "svc3" not in short
+
+
+WRAPPED = {
+    # The same text, but not an entry of `services`: placeholders there must not be taken.
+    "quoted": lambda e: f'settings:\n  state_dir: "/var/lib/ipvslb\n{e}"\nservices:\n' + service(50),
+    "other key": lambda e: f"{HEAD}{service(50)}extra:\n{e}",
+    "flow": lambda e: f"{HEAD[:-1]} [\n{e}]\n",
+    "nested": lambda e: f"{HEAD}  - name: outer\n    backends:\n{e}",
+    "comment then more": lambda e: f"{HEAD}{e}# a comment at the margin\n      scheduler: wrr\n",
+    "trailing comment": lambda e: f"{HEAD}{e.rstrip()}  # a comment\n",
+    "more of it": lambda e: f"{HEAD}{e}    forwarding: route\n",
+    "deeper next": lambda e: f"{HEAD}{e}      - 10.77.9.9\n",
+    "plain continuation": lambda e: f"{HEAD}{e.replace('weight: 10}}', 'weight: 10}}, 10.77.9.9', 1)}"
+                                    f"  - name: x\n    scheduler: rr\n      wrr\n",
+    "root sequence": lambda e: e,
+    "twice": lambda e: f"{HEAD}{e}{e}",
+    "services twice": lambda e: f"{HEAD}{e}services:\n{e}",
+    "document end": lambda e: f"{HEAD}{e}...\n",
+    "tab after": lambda e: f"{HEAD}{e}\t\n",
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPED)
+def test_an_entry_text_in_another_context_parses_as_from_nothing(wrap):
+    entry = service(3)
+    config.parse(HEAD + "".join(service(i) for i in range(6)))
+    text = WRAPPED[wrap](entry)
+    assert outcome(text) == from_nothing(text)
