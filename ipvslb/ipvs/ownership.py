@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from ipvslb import statedir
@@ -48,8 +49,13 @@ class Ownership:
             return
         doc = {
             "format": FORMAT,
-            "services": sorted([proto, str(ipaddress.ip_address(vip)), port] for proto, vip, port in services),
-            "vips": sorted(str(ipaddress.ip_address(vip)) for vip in vips),
+            "services": sorted([proto, _text(vip), port] for proto, vip, port in services),
+            "vips": sorted(_text(vip) for vip in vips),
         }
         statedir.write_json(self.path, doc)
         self.services, self.vips = services, vips
+
+
+def _text(packed: bytes) -> str:
+    # inet_ntop, not ipaddress: a reload writes every service's VIP, and _load reads both.
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)

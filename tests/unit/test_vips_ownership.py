@@ -74,3 +74,16 @@ def test_the_record_is_written_through_a_temporary_file_of_its_own_and_synced_wi
     assert synced == [False, True, False, True]   # the file, then the directory holding the rename
     assert sorted(p.name for p in tmp_path.iterdir()) == ["owned.json"]
     assert ownership.Ownership(tmp_path).vips == {DNS.vip.packed}
+
+
+def test_the_record_reads_back_as_written_for_every_address_family(tmp_path):
+    import ipaddress
+
+    from ipvslb.ipvs import ownership
+    addresses = [ipaddress.ip_address(a).packed for a in ("10.0.0.1", "fd00::1", "::ffff:10.1.2.3", "::", "2001:db8::")]
+    services = frozenset((proto, a, port) for a in addresses for proto, port in (("tcp", 80), ("udp", 53)))
+    ownership.Ownership(tmp_path).record(services, frozenset(addresses))
+    back = ownership.Ownership(tmp_path)
+    assert (back.services, back.vips) == (services, frozenset(addresses))
+    text = (tmp_path / "owned.json").read_text()
+    assert json.loads(text)["format"] == ownership.FORMAT and text.count("\n") == len(services) + len(addresses) + 7
