@@ -37,7 +37,7 @@ from ipvslb import (
 )
 from ipvslb.ipvs import ApplyError, IPVSError, Manager
 from ipvslb.ipvs.specs import ip, service_spec
-from ipvslb.model import Config, Service, format_endpoint
+from ipvslb.model import Config, Service, ServiceKey, format_endpoint
 from ipvslb.snapshot import NotifyCounts, ReconcileCounts, ServiceSnapshot, StatusSnapshot
 from ipvslb.tracer import Tracer, TracerUnavailable, records
 
@@ -154,8 +154,11 @@ class Daemon:
 
     def _sync_drains(self) -> None:
         """Tell health which backends are drained: none of them is a usable peer."""
+        drained: dict[ServiceKey, list] = {}
+        for service, backend in self.manager.drains:
+            drained.setdefault(service, []).append(backend)
         for key, svc in self.health.items():
-            svc.set_drained(backend for service, backend in self.manager.drains if service == key)
+            svc.set_drained(drained.get(key, ()))
 
     def _hold_wanted_weights(self, svc: Service) -> None:
         """Tell IPVS's manager which weights health wants, so apply writes them (or nothing
@@ -416,21 +419,25 @@ class Daemon:
             log.warning("reload: changes under 'settings' take effect at the next restart")
             new = Config(settings=self.cfg.settings, services=new.services)
         now = time.monotonic()
-        trial: dict[tuple, health.ServiceHealth] = {}
+        # (service, its health in force or None, its trial health); keys of addresses are
+        # slow to hash, so each service's once.
+        trials: list[tuple[Service, health.ServiceHealth | None, health.ServiceHealth]] = []
         for svc in new.services:
-            current = self.health.get(svc.key)
+            key = svc.key
+            current = self.health.get(key)
             if current is None:
-                trial[svc.key] = health.ServiceHealth(svc, self.rng, now)
-            elif svc != current.service:
+                trial = health.ServiceHealth(svc, self.rng, now)
+            elif svc is not current.service and svc != current.service:
                 # A copy, to learn the weights it wants: the one in force (with its probes
                 # in flight) changes only once the switch is sure.
-                trial[svc.key] = copy.deepcopy(current, {id(self.rng): self.rng})
-                trial[svc.key].update_service(svc, now)
+                trial = copy.deepcopy(current, {id(self.rng): self.rng})
+                trial.update_service(svc, now)
             else:
-                trial[svc.key] = current
+                trials.append((svc, current, current))
                 continue  # its weights are held already: IPVS plans it from its cached specs
-            for backend, weight in trial[svc.key].weights().items():
-                self.manager.hold_weight(svc.key, backend, weight)
+            trials.append((svc, current, trial))
+            for backend, weight in trial.weights().items():
+                self.manager.hold_weight(key, backend, weight)
         started = time.monotonic()
         try:
             # Planned from the snapshot, not a full read: with 200 services that read is
@@ -447,18 +454,19 @@ class Daemon:
             self.reconcile.runs += 1
             self.reconcile.last_seconds = time.monotonic() - started
         pending: list[tuple[health.ServiceHealth, list]] = []
-        kept = {}
-        for svc in new.services:
-            current = self.health.get(svc.key)
-            if current is not None and trial[svc.key] is not current:
+        kept: dict[ServiceKey, health.ServiceHealth] = {}
+        changed: list[Service] = []
+        for svc, current, trial in trials:
+            if trial is current:
+                kept[svc.key] = trial
+                continue
+            changed.append(svc)
+            if current is None:
+                kept[svc.key] = trial
+            else:  # the one in force takes the change: its probes in flight land on it
                 pending.append((current, current.update_service(svc, now)))
                 kept[svc.key] = current
-            else:
-                kept[svc.key] = trial[svc.key]
-        self.connect_times = collections.defaultdict(metrics.ConnectTimes, {
-            (s.key, b.key): self.connect_times[(s.key, b.key)] for s in new.services for b in s.backends
-            if (s.key, b.key) in self.connect_times})
-        changed = [svc for svc in new.services if trial[svc.key] is not self.health.get(svc.key)]
+        self._forget_connect_times(kept)
         self.health = kept
         self.cfg = new
         self._sync_drains()
@@ -470,6 +478,20 @@ class Daemon:
             self.executor.act(held, [a for a in decided if not isinstance(a, health.SetWeight)])
         self._schedule_tick()
         return True
+
+    def _forget_connect_times(self, kept: dict[ServiceKey, health.ServiceHealth]) -> None:
+        """Drop the connect-time histograms of backends that leave with this reload (`kept`:
+        the services' health after it). Only the services in force that it does not keep as
+        the very same objects are looked at."""
+        left = {id(svc): svc for svc in self.cfg.services}
+        for held in kept.values():
+            left.pop(id(held.service), None)
+        for svc in left.values():
+            after = kept.get(svc.key)
+            staying = {b.key for b in after.service.backends} if after is not None else set()
+            for b in svc.backends:
+                if b.key not in staying:
+                    self.connect_times.pop((svc.key, b.key), None)
 
     def _roll_back(self) -> None:
         """IPVS and the VIP filter back to the configuration in force, best effort (the

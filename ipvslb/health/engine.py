@@ -215,7 +215,7 @@ class ServiceHealth:
         backend in rotation that lets another go out or keeps it in."""
         drained = set(backends)
         for key, b in self._backends.items():
-            b.drained = key in drained
+            b.drained = bool(drained) and key in drained  # (keys of addresses are slow to hash)
 
     def weights(self) -> dict[Endpoint, int]:
         """The weight the engine wants for every backend right now."""

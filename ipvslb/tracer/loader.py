@@ -250,19 +250,21 @@ class Tracer:
         for port in ports - self._ports:
             port_table[ctypes.c_int(port)] = ctypes.c_uint8(1)
         table = self.bpf[b"vips"]
-        for key in self._vips - wanted:
+        gone = self._vips - wanted
+        for key in gone:
             del table[table.Key.from_buffer_copy(key)]
-        # Free the count slots of services no longer traced (they are bounded).
-        self._pair_counts.forget(lambda protocol, vip: records.vip_key(protocol, *vip) in wanted)
         for key in wanted - self._vips:
             table[table.Key.from_buffer_copy(key)] = ctypes.c_uint8(1)
         for port in self._ports - ports:
             port_table[ctypes.c_int(port)] = ctypes.c_uint8(0)
-        udp = self.bpf[b"udp_counts"]
-        for key in list(udp.keys()):
-            protocol, vip, _backend = records.decode_pair(bytes(key))
-            if records.vip_key(protocol, *vip) not in wanted:
-                del udp[key]
+        if gone:  # (a reload that only adds services has nothing more to free)
+            # Free the count slots of services no longer traced (they are bounded).
+            self._pair_counts.forget(lambda protocol, vip: records.vip_key(protocol, *vip) not in gone)
+            udp = self.bpf[b"udp_counts"]
+            for key in list(udp.keys()):
+                protocol, vip, _backend = records.decode_pair(bytes(key))
+                if records.vip_key(protocol, *vip) in gone:
+                    del udp[key]
         self._vips, self._ports = wanted, ports
 
     def fileno(self) -> int:

@@ -539,3 +539,17 @@ def test_a_tick_due_while_the_daemon_stops_never_runs_on_the_closed_tracer(place
         await asyncio.sleep(0.2)
     asyncio.run(main())
     assert closed and d.internal_errors == {}
+
+
+def test_a_reload_drops_the_connect_times_of_backends_that_left_and_keeps_the_others(place):
+    d, kernel, tracer = make(place, WEB + API)
+    started(d)
+    web, api = (s.key for s in d.cfg.services)
+    for key, backend in ((web, "10.77.0.1"), (web, "10.77.0.2"), (api, "10.77.0.3")):
+        d.connect_times[(key, (ipaddress.ip_address(backend), 80))].observe(0.01)
+    kept = d.connect_times[(web, (ipaddress.ip_address("10.77.0.1"), 80))]
+    Path(d.config_path).write_text(Path(d.config_path).read_text().replace(", 10.77.0.2]", "]").replace(API, ""))
+    d.reload()
+    assert d.reloads == {"ok": 1}
+    assert list(d.connect_times) == [(web, (ipaddress.ip_address("10.77.0.1"), 80))]
+    assert d.connect_times[(web, (ipaddress.ip_address("10.77.0.1"), 80))] is kept
