@@ -106,8 +106,7 @@ class Manager:
         # Forget weights of backends that left the configuration, and those that merely
         # repeat the configured weight (they would hold back a later increase).
         if self._overrides:
-            configured = {(s.key, b.key): b.weight for s in services for b in s.backends}
-            self._overrides = {k: w for k, w in self._overrides.items() if w < configured.get(k, -1)}
+            self._overrides = {k: w for k, w in self._overrides.items() if w < _configured_weight(by_key, *k)}
         if self.drains and not failures:
             self._forget_drains(services)
         result = ApplyResult(ops, self.writes - writes_before, failures)
@@ -136,8 +135,6 @@ class Manager:
         wanted = frozenset(spec.key for spec, _ in desired)
         vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
         owned_before = self.ownership.services
-        # Claim before creating, so that a crash in between cannot leave an unowned service.
-        self.ownership.record(owned_before | wanted, self.ownership.vips)
         state, self._snapshot = self._snapshot, None   # restored only if all goes well
         trusted = not verify and state is not None and self._clock() - state.taken < self.verify_interval \
             and state.knows(wanted)
@@ -151,9 +148,11 @@ class Manager:
         already_done = self.ipvs.already_done
         # Only addresses we add are ours: one an administrator put there stays theirs.
         added = vips_wanted - state.vips
+        # Claimed before they are created (one write for both), so that a crash in between
+        # cannot leave a service or an address that is ours unrecorded.
+        self.ownership.record(owned_before | wanted, self.ownership.vips | added)
         if added:
             assert self.vips is not None  # VIPs are wanted only when they are managed
-            self.ownership.record(self.ownership.services, self.ownership.vips | added)
             for vip in added:
                 self.vips.add(vip)
                 state.vips.add(vip)
@@ -259,6 +258,14 @@ class Manager:
             return backend.weight
         override = self._overrides.get((service.key, backend.key))
         return backend.weight if override is None else min(backend.weight, override)
+
+
+def _configured_weight(services: dict[model.ServiceKey, model.Service], service: model.ServiceKey,
+                       backend: model.Endpoint) -> int:
+    """The backend's configured weight; -1 when it is not configured. (Looked up per held
+    weight, not through a table of every backend: keys of addresses are slow to hash.)"""
+    svc = services.get(service)
+    return next((b.weight for b in svc.backends if b.key == backend), -1) if svc is not None else -1
 
 
 def ip_text(packed: bytes) -> str:
