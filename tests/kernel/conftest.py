@@ -174,20 +174,12 @@ def tracer(ipvs):
 @pytest.fixture(scope="module")
 def daemon(_session_topology):
     """`ipvslb run` over the three backends (service `web`, daemonproc.VIP), one per module."""
-    from tests.kernel.daemonproc import DaemonProcess, write_config
+    from tests.kernel.daemonproc import running, write_config
 
     topo = _session_topology
     topo.reset()
-    ipvsadm("-C")
-    config = write_config(topo.backends)
-    d = DaemonProcess(config)
-    d.start()
-    yield d
-    d.kill()
-    print(d.log()[-4000:])
-    # The daemon leaves IPVS and its VIPs in place by design; later modules start clean.
-    ipvsadm("-C")
-    subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
+    with running(write_config(topo.backends)) as d:
+        yield d
     topo.reset()
 
 

@@ -3,6 +3,7 @@ that drive `ipvslb run` too): its config file, start and kill, its status, and t
 `ipvsadm -Ln` oracle for the weights it writes. The fixtures that use them are in conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,6 +79,23 @@ class DaemonProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(20)
+
+
+@contextlib.contextmanager
+def running(config: Path, log_tail: int = 4000):
+    """A module's daemon over a clean IPVS. Afterwards: killed, its log's tail printed, IPVS
+    and the VIP interface cleared (the daemon leaves both in place by design; later
+    modules start clean)."""
+    ipvsadm("-C")
+    d = DaemonProcess(config)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.kill()
+        print(d.log()[-log_tail:])
+        ipvsadm("-C")
+        subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
 
 
 def kernel_weights(vip: str = VIP, port: int = PORT) -> dict[str, int]:

@@ -17,8 +17,7 @@ import pytest
 
 from tests.kernel import topology
 from tests.kernel.client import ClientLoop
-from tests.kernel.conftest import ipvsadm
-from tests.kernel.daemonproc import WORK, DaemonProcess, first_weight, wait_for
+from tests.kernel.daemonproc import WORK, first_weight, running, wait_for
 from tests.kernel.daemonproc import kernel_weights as weights_of  # of a given VIP
 from tests.kernel.wire import SynWatch
 
@@ -66,14 +65,8 @@ def four_backends(ipvs):
 
 @pytest.fixture(scope="module")
 def daemon(four_backends):
-    ipvsadm("-C")
-    d = DaemonProcess(write_config(four_backends.backends[:3], four_backends.backends))
-    d.start()
-    yield d
-    d.kill()
-    print(d.log()[-4000:])
-    ipvsadm("-C")
-    subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
+    with running(write_config(four_backends.backends[:3], four_backends.backends)) as d:
+        yield d
 
 
 def rows(daemon, service: str) -> dict[str, dict]:

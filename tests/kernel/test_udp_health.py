@@ -9,7 +9,6 @@ import ipaddress
 import os
 import selectors
 import socket
-import subprocess
 import threading
 import time
 
@@ -19,7 +18,7 @@ from ipvslb.model import HealthSettings
 from ipvslb.tracer.records import Kind
 from ipvslb.udpwatch import STEPS
 from tests.kernel.conftest import ipvsadm
-from tests.kernel.daemonproc import SOCKET, WORK, DaemonProcess, wait_for
+from tests.kernel.daemonproc import SOCKET, WORK, running, wait_for
 from tests.kernel.test_smoke import PORT, add_service
 
 VIPS = {4: "10.92.0.1", 6: "fd92::1"}
@@ -118,14 +117,8 @@ def write_config(backends) -> str:
 @pytest.fixture(scope="module")
 def udp_daemon(_session_topology):
     _session_topology.reset()
-    ipvsadm("-C")
-    d = DaemonProcess(write_config(_session_topology.backends))
-    d.start()
-    yield d
-    d.kill()
-    print(d.log()[-6000:])
-    ipvsadm("-C")
-    subprocess.run(["ip", "link", "del", "ipvslb0"], capture_output=True)
+    with running(write_config(_session_topology.backends), log_tail=6000) as d:
+        yield d
     _session_topology.reset()
 
 
