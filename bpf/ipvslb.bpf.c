@@ -620,17 +620,24 @@ static __always_inline void copy_addr(u8 *to, const union nf_inet_addr *from, u1
         __builtin_memcpy(to + 4, (const u8 *)from + 4, 12);
 }
 
+// The IPVS connection `cp` read into `c`, and its service's key into `key`: true when it is
+// a UDP connection to a traced service.
+static __always_inline int traced_udp(const struct ip_vs_conn_head *cp, struct ip_vs_conn_head *c,
+                                      struct vip_key *key) {
+    bpf_probe_read_kernel(c, sizeof(*c), cp);
+    if (c->protocol != PROTO_UDP)
+        return 0;
+    copy_addr(key->addr, &c->vaddr, c->af);
+    key->port = bpf_ntohs(c->vport);
+    key->protocol = PROTO_UDP;
+    key->family = c->af;
+    return vips.lookup(key) != NULL;
+}
+
 static __always_inline int report_unreachable(const struct ip_vs_conn_head *cp, u8 code) {
     struct ip_vs_conn_head c = {};
-    bpf_probe_read_kernel(&c, sizeof(c), cp);
-    if (c.protocol != PROTO_UDP)
-        return 0;
     struct vip_key key = {};
-    copy_addr(key.addr, &c.vaddr, c.af);
-    key.port = bpf_ntohs(c.vport);
-    key.protocol = PROTO_UDP;
-    key.family = c.af;
-    if (!vips.lookup(&key))
+    if (!traced_udp(cp, &c, &key))
         return 0;
     struct record *r = new_record(UNREACHABLE, 0, 0, bpf_ktime_get_ns());
     if (!r)
@@ -705,15 +712,8 @@ BPF_HASH(udp_counts, struct pair, struct udp_stats, PAIR_SLOTS);
 
 static __always_inline int count_udp(const struct ip_vs_conn_head *cp, int reply) {
     struct ip_vs_conn_head c = {};
-    bpf_probe_read_kernel(&c, sizeof(c), cp);
-    if (c.protocol != PROTO_UDP)
-        return 0;
     struct vip_key key = {};
-    copy_addr(key.addr, &c.vaddr, c.af);
-    key.port = bpf_ntohs(c.vport);
-    key.protocol = PROTO_UDP;
-    key.family = c.af;
-    if (!vips.lookup(&key))
+    if (!traced_udp(cp, &c, &key))
         return 0;
     struct pair p = {};
     __builtin_memcpy(p.vaddr, key.addr, 16);
