@@ -138,7 +138,17 @@ def main() -> int:
     texts = [config_text(workdir, topo.backends, SERVICES + 1), config_text(workdir, topo.backends, SERVICES)]
     config.write_text(texts[1])
     log = (workdir / "ipvslb.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ipvslb", "run", "--config", str(config)],
+    # PROFILE=1: the daemon's main thread under cProfile, timed in its CPU time, the profile
+    # in the logs' directory (for pstats).
+    profile = []
+    if os.environ.get("PROFILE"):
+        profile = ["-c", "import cProfile, runpy, sys, time\n"
+                   "p = cProfile.Profile(time.thread_time)\n"
+                   "sys.argv = ['ipvslb'] + sys.argv[1:]\n"
+                   "p.enable()\n"
+                   "try: runpy.run_module('ipvslb', run_name='__main__')\n"
+                   f"finally: p.disable(); p.dump_stats({str(workdir / 'daemon.prof')!r})"]
+    proc = subprocess.Popen([sys.executable, *(profile or ["-m", "ipvslb"]), "run", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
     try:
         started = time.monotonic()

@@ -456,6 +456,7 @@ class Daemon:
         pending: list[tuple[health.ServiceHealth, list]] = []
         kept: dict[ServiceKey, health.ServiceHealth] = {}
         changed: list[Service] = []
+        missed = False  # whether a weight held for the trial is not the one wanted now
         for svc, current, trial in trials:
             if trial is current:
                 kept[svc.key] = trial
@@ -466,6 +467,7 @@ class Daemon:
             else:  # the one in force takes the change: its probes in flight land on it
                 pending.append((current, current.update_service(svc, now)))
                 kept[svc.key] = current
+                missed = missed or current.weights() != trial.weights()
         self._forget_connect_times(kept)
         self.health = kept
         self.cfg = new
@@ -473,7 +475,8 @@ class Daemon:
         self.active_checks.update(new.services)
         for svc in changed:
             self._hold_wanted_weights(svc)
-        self._apply(routine=True, verify=False)  # what the trial missed (normally nothing)
+        if missed:
+            self._apply(routine=True, verify=False)
         for held, decided in pending:
             self.executor.act(held, [a for a in decided if not isinstance(a, health.SetWeight)])
         self._schedule_tick()

@@ -72,16 +72,9 @@ def write_json(path: Path, doc: object) -> None:
 
 
 def _dumps(doc: object) -> str:
-    """JSON with a line per top-level key and per item of a top-level list, for a reader;
-    each line from json's C encoder (indent= encodes in Python, ten times slower, and a
-    reload writes the ownership record of every service)."""
+    """JSON with a line per top-level key, for a reader; from json's C encoder (indent=
+    encodes in Python, ten times slower, and a reload writes the ownership record of
+    every service)."""
     if not isinstance(doc, dict):
         return json.dumps(doc) + "\n"
-    lines = []
-    for key, value in doc.items():
-        if isinstance(value, list) and value:
-            items = ",\n  ".join(json.dumps(item) for item in value)
-            lines.append(f" {json.dumps(key)}: [\n  {items}\n ]")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
+    return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in doc.items()) + "\n}\n"

@@ -65,6 +65,7 @@ class Manager:
         self.drains = Drains(settings.state_dir)
         sysctls.apply(settings.sysctls, sysctl_root)
         self._services: dict[model.ServiceKey, model.Service] = {}
+        self._services_given: Sequence[model.Service] | None = None  # what _services was made of
         self._overrides: dict[tuple[model.ServiceKey, model.Endpoint], int] = {}
         # id(service) -> (service, its spec, its destinations at configured weights).
         # The daemon passes the same frozen objects until a reload, and building 10 000
@@ -91,10 +92,14 @@ class Manager:
         first instead of trusting the snapshot (on start and reload: someone may have
         changed it meanwhile)."""
         writes_before = self.writes
-        by_key = {s.key: s for s in services}
-        if len(by_key) != len(services):
-            raise ValueError("two services with the same protocol, VIP and port")
-        desired = self._desired(services)
+        # The same tuple again (the daemon's configuration): keys of addresses are slow to hash.
+        if isinstance(services, tuple) and services is self._services_given:
+            by_key = self._services
+        else:
+            by_key = {s.key: s for s in services}
+            if len(by_key) != len(services):
+                raise ValueError("two services with the same protocol, VIP and port")
+        desired = self._desired(services, by_key)
         ops, failures, stale = self._reconcile(desired, verify)
         if stale:
             # A write planned from the snapshot failed, or found its goal already reached:
@@ -102,7 +107,7 @@ class Manager:
             # own account; its failures, if any, are the ones that count.
             ops, failures, _ = self._reconcile(desired, verify=True)
 
-        self._services = by_key
+        self._services, self._services_given = by_key, services
         # Forget weights of backends that left the configuration, and those that merely
         # repeat the configured weight (they would hold back a later increase).
         if self._overrides:
@@ -114,9 +119,11 @@ class Manager:
             raise ApplyError(result)
         return result
 
-    def _desired(self, services: Sequence[model.Service]) -> list[tuple[ServiceSpec, list[DestSpec]]]:
+    def _desired(self, services: Sequence[model.Service],
+                 by_key: dict[model.ServiceKey, model.Service]) -> list[tuple[ServiceSpec, list[DestSpec]]]:
         """Every service with its destinations at the weights to write."""
-        held = {service for service, _ in self._overrides} | {service for service, _ in self.drains.drained}
+        held = {id(by_key[key]) for key in {service for service, _ in self._overrides}
+                | {service for service, _ in self.drains.drained} if key in by_key}
         specs, desired = {}, []
         for svc in services:
             cached = self._specs.get(id(svc))
@@ -124,7 +131,7 @@ class Manager:
                 cached = (svc, service_spec(svc), [dest_spec(svc, b) for b in svc.backends])
             specs[id(svc)] = cached
             dests = cached[2]
-            if held and svc.key in held:
+            if id(svc) in held:
                 dests = [dest_spec(svc, b, self._weight(svc, b)) for b in svc.backends]
             desired.append((cached[1], dests))
         self._specs = specs

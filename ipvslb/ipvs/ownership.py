@@ -13,8 +13,8 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 from pathlib import Path
+from socket import AF_INET, AF_INET6, inet_ntop
 
 from ipvslb import statedir
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 FILENAME = "owned.json"
 FORMAT = 1
+# VIP text by inet_ntop, not ipaddress: a reload may write every service's VIP; _load reads both.
+_FAMILY = {4: AF_INET, 16: AF_INET6}
 
 
 class Ownership:
@@ -49,13 +51,9 @@ class Ownership:
             return
         doc = {
             "format": FORMAT,
-            "services": sorted([proto, _text(vip), port] for proto, vip, port in services),
-            "vips": sorted(_text(vip) for vip in vips),
+            "services": sorted([proto, inet_ntop(_FAMILY[len(vip)], vip), port] for proto, vip, port in services),
+            "vips": sorted(inet_ntop(_FAMILY[len(vip)], vip) for vip in vips),
         }
         statedir.write_json(self.path, doc)
         self.services, self.vips = services, vips
 
-
-def _text(packed: bytes) -> str:
-    # inet_ntop, not ipaddress: a reload writes every service's VIP, and _load reads both.
-    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)

@@ -86,4 +86,4 @@ def test_the_record_reads_back_as_written_for_every_address_family(tmp_path):
     back = ownership.Ownership(tmp_path)
     assert (back.services, back.vips) == (services, frozenset(addresses))
     text = (tmp_path / "owned.json").read_text()
-    assert json.loads(text)["format"] == ownership.FORMAT and text.count("\n") == len(services) + len(addresses) + 7
+    assert json.loads(text)["format"] == ownership.FORMAT and text.count("\n") == 5   # a line per key
