@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ipvslb import (
@@ -225,12 +226,14 @@ class Daemon:
         return self.health.get((protocol, vip[0], vip[1]))
 
     def _on_records(self) -> None:
+        fed: dict[int, health.ServiceHealth] = {}
         try:
-            if self._feed_records():
+            if self._feed_records(fed):
                 self._drain_again()
         except Exception as err:
             self._internal_error("evidence", err)
-        self._schedule_tick()
+            fed = dict(enumerate(self.health.values()))
+        self._schedule_tick(fed.values())
 
     def _drain_again(self) -> None:
         # Routine records do not wake us while they keep coming (Tracer.fileno): read again
@@ -244,15 +247,17 @@ class Daemon:
         self._drain_handle = None
         self._on_records()
 
-    def _feed_records(self) -> int:
+    def _feed_records(self, fed: dict[int, health.ServiceHealth] | None = None) -> int:
         """Feed health what the tracer saw since the last call: its records in the order
-        they happened, then the successes it only counted. Returns how many there were."""
+        they happened, then the successes it only counted. Returns how many there were;
+        `fed` gets the services fed, by id."""
         now = time.monotonic()
         batch = self.tracer.read()
+        fed = {} if fed is None else fed
         failed = 0
         for event in batch:
             try:
-                self._feed_event(event, now)
+                self._feed_event(event, now, fed)
             except Exception as err:  # one bad record must not cost the rest of the batch
                 self._internal_error("evidence", err)
                 failed += 1
@@ -262,6 +267,7 @@ class Daemon:
         counted = self._newly_counted()
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
+                fed[id(svc)] = svc
                 try:
                     self.executor.act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
                 except Exception as err:
@@ -272,7 +278,7 @@ class Daemon:
             self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
 
-    def _feed_event(self, event: records.ConnEvent, now: float) -> None:
+    def _feed_event(self, event: records.ConnEvent, now: float, fed: dict[int, health.ServiceHealth]) -> None:
         self.records[event.kind.label] += 1
         svc = self._service_for(event.protocol, event.vip)
         found = health.evidence_from(event)
@@ -281,6 +287,7 @@ class Daemon:
             # IPVS's), so it is the hard failure health/engine.py's contract allows.
             found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
         if svc is not None and found is not None:
+            fed[id(svc)] = svc
             if isinstance(found, health.Established) and found.connect_time is not None:
                 self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
             self.executor.act(svc, svc.feed(found, now))
@@ -314,7 +321,21 @@ class Daemon:
             self.heartbeats["tick"] = time.monotonic()
         self._schedule_tick()
 
-    def _schedule_tick(self) -> None:
+    def _schedule_tick(self, changed: Iterable[health.ServiceHealth] | None = None) -> None:
+        """The tick at the earliest deadline of all services; with `changed`, only these
+        changed since the tick was scheduled. Then it can only come earlier: the others'
+        deadlines are not read again (a tick that comes before any is due does nothing,
+        and schedules in full)."""
+        if changed is not None and self._tick_handle is not None:
+            try:
+                soonest = min((d for svc in changed if (d := svc.next_deadline()) is not None), default=None)
+            except Exception as err:
+                self._internal_error("tick", err)
+                soonest = time.monotonic() + ERROR_RESTART
+            if soonest is not None and max(soonest, self._error_backoff) < self._tick_handle.when():
+                self._tick_handle.cancel()
+                self._tick_handle = asyncio.get_running_loop().call_at(max(soonest, self._error_backoff), self._tick)
+            return
         try:
             deadlines = [d for svc in self.health.values() if (d := svc.next_deadline()) is not None]
         except Exception as err:
@@ -358,7 +379,7 @@ class Daemon:
                                for d in dests if d.stats is not None}
                 for evidence in watches[svc.service.key].judge(current, now):
                     self.executor.act(svc, svc.feed(evidence, now))
-            self._schedule_tick()
+            self._schedule_tick(udp)
 
     # -- reload --------------------------------------------------------------------------
 
@@ -456,6 +477,7 @@ class Daemon:
         pending: list[tuple[health.ServiceHealth, list]] = []
         kept: dict[ServiceKey, health.ServiceHealth] = {}
         changed: list[Service] = []
+        changed_health: list[health.ServiceHealth] = []
         missed = False  # whether a weight held for the trial is not the one wanted now
         for svc, current, trial in trials:
             if trial is current:
@@ -468,6 +490,7 @@ class Daemon:
                 pending.append((current, current.update_service(svc, now)))
                 kept[svc.key] = current
                 missed = missed or current.weights() != trial.weights()
+            changed_health.append(kept[svc.key])
         self._forget_connect_times(kept)
         self.health = kept
         self.cfg = new
@@ -479,7 +502,7 @@ class Daemon:
             self._apply(routine=True, verify=False)
         for held, decided in pending:
             self.executor.act(held, [a for a in decided if not isinstance(a, health.SetWeight)])
-        self._schedule_tick()
+        self._schedule_tick(changed_health)
         return True
 
     def _forget_connect_times(self, kept: dict[ServiceKey, health.ServiceHealth]) -> None:
