@@ -153,13 +153,14 @@ class Daemon:
             self._hold_wanted_weights(svc)
         self._sync_drains()
 
-    def _sync_drains(self) -> None:
-        """Tell health which backends are drained: none of them is a usable peer."""
+    def _sync_drains(self, services: Iterable[health.ServiceHealth] | None = None) -> None:
+        """Tell health (of `services`, by default all) which backends are drained: none of
+        them is a usable peer."""
         drained: dict[ServiceKey, list] = {}
         for service, backend in self.manager.drains:
             drained.setdefault(service, []).append(backend)
-        for key, svc in self.health.items():
-            svc.set_drained(drained.get(key, ()))
+        for svc in self.health.values() if services is None else services:
+            svc.set_drained(drained.get(svc.service.key, ()))
 
     def _hold_wanted_weights(self, svc: Service) -> None:
         """Tell IPVS's manager which weights health wants, so apply writes them (or nothing
@@ -494,7 +495,8 @@ class Daemon:
         self._forget_connect_times(kept)
         self.health = kept
         self.cfg = new
-        self._sync_drains()
+        # Drains end only with their backends (Manager.apply), which only changed services lose.
+        self._sync_drains(changed_health)
         self.active_checks.update(new.services)
         for svc in changed:
             self._hold_wanted_weights(svc)
@@ -573,7 +575,7 @@ class Daemon:
         return answer
 
     def _status_line(self) -> str:
-        out = sum(1 for svc in self.health.values() for w in svc.weights().values() if w == 0)
+        out = sum(svc.out_of_rotation() for svc in self.health.values())
         return f"{len(self.health)} services, {out} backends out of rotation"
 
     # -- main ----------------------------------------------------------------------------

@@ -221,6 +221,10 @@ class ServiceHealth:
         """The weight the engine wants for every backend right now."""
         return {key: b.weight for key, b in self._backends.items()}
 
+    def out_of_rotation(self) -> int:
+        """How many backends the engine wants at weight 0."""
+        return sum(1 for b in self._backends.values() if b.weight == 0)
+
     def next_deadline(self) -> float | None:
         """The latest time by which `tick` must be called next (None: only on evidence)."""
         self._drop_stale_deadlines()
