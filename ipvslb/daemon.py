@@ -227,14 +227,14 @@ class Daemon:
         return self.health.get((protocol, vip[0], vip[1]))
 
     def _on_records(self) -> None:
-        fed: dict[int, health.ServiceHealth] = {}
         try:
-            if self._feed_records(fed):
+            if self._feed_records():
                 self._drain_again()
         except Exception as err:
             self._internal_error("evidence", err)
-            fed = dict(enumerate(self.health.values()))
-        self._schedule_tick(fed.values())
+        # In full: evidence moves deadlines later too (a connect that established), and a
+        # tick left at an old deadline would tick every service for nothing.
+        self._schedule_tick()
 
     def _drain_again(self) -> None:
         # Routine records do not wake us while they keep coming (Tracer.fileno): read again
@@ -248,17 +248,15 @@ class Daemon:
         self._drain_handle = None
         self._on_records()
 
-    def _feed_records(self, fed: dict[int, health.ServiceHealth] | None = None) -> int:
+    def _feed_records(self) -> int:
         """Feed health what the tracer saw since the last call: its records in the order
-        they happened, then the successes it only counted. Returns how many there were;
-        `fed` gets the services fed, by id."""
+        they happened, then the successes it only counted. Returns how many there were."""
         now = time.monotonic()
         batch = self.tracer.read()
-        fed = {} if fed is None else fed
         failed = 0
         for event in batch:
             try:
-                self._feed_event(event, now, fed)
+                self._feed_event(event, now)
             except Exception as err:  # one bad record must not cost the rest of the batch
                 self._internal_error("evidence", err)
                 failed += 1
@@ -268,7 +266,6 @@ class Daemon:
         counted = self._newly_counted()
         for c, count in sorted(counted, key=lambda item: item[0].ts):
             if svc := self._service_for(c.protocol, c.vip):
-                fed[id(svc)] = svc
                 try:
                     self.executor.act(svc, svc.feed(health.Successes(c.backend, count, c.ts), now))
                 except Exception as err:
@@ -279,7 +276,7 @@ class Daemon:
             self.heartbeats["evidence"] = time.monotonic()
         return len(batch) + len(counted)
 
-    def _feed_event(self, event: records.ConnEvent, now: float, fed: dict[int, health.ServiceHealth]) -> None:
+    def _feed_event(self, event: records.ConnEvent, now: float) -> None:
         self.records[event.kind.label] += 1
         svc = self._service_for(event.protocol, event.vip)
         found = health.evidence_from(event)
@@ -288,7 +285,6 @@ class Daemon:
             # IPVS's), so it is the hard failure health/engine.py's contract allows.
             found = health.UdpUnreachable(event.backend, event.ts, records.unreachable_reason(event))
         if svc is not None and found is not None:
-            fed[id(svc)] = svc
             if isinstance(found, health.Established) and found.connect_time is not None:
                 self.connect_times[(svc.service.key, found.backend)].observe(found.connect_time)
             self.executor.act(svc, svc.feed(found, now))
@@ -324,9 +320,9 @@ class Daemon:
 
     def _schedule_tick(self, changed: Iterable[health.ServiceHealth] | None = None) -> None:
         """The tick at the earliest deadline of all services; with `changed`, only these
-        changed since the tick was scheduled. Then it can only come earlier: the others'
-        deadlines are not read again (a tick that comes before any is due does nothing,
-        and schedules in full)."""
+        changed since the tick was scheduled, and only to bring it earlier: the others'
+        deadlines are not read again (a reload's new services). A tick that comes before
+        anything is due does nothing, and schedules in full."""
         if changed is not None and self._tick_handle is not None:
             try:
                 soonest = min((d for svc in changed if (d := svc.next_deadline()) is not None), default=None)
@@ -380,7 +376,7 @@ class Daemon:
                                for d in dests if d.stats is not None}
                 for evidence in watches[svc.service.key].judge(current, now):
                     self.executor.act(svc, svc.feed(evidence, now))
-            self._schedule_tick(udp)
+            self._schedule_tick()
 
     # -- reload --------------------------------------------------------------------------
 

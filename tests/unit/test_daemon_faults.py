@@ -555,27 +555,23 @@ def test_a_reload_drops_the_connect_times_of_backends_that_left_and_keeps_the_ot
     assert d.connect_times[(web, (ipaddress.ip_address("10.77.0.1"), 80))] is kept
 
 
-def test_evidence_reschedules_the_tick_from_the_services_it_fed_alone(place, monkeypatch):
+def test_a_reload_moves_the_tick_from_the_deadlines_of_the_services_it_changed_alone(place, monkeypatch):
     d, kernel, tracer = make(place, WEB + API)
     started(d)
-    web, api = d.health.values()
-    for _ in range(100):   # a history long enough for a connect deadline
-        web._backends[web.service.backends[0].key].history.add(0.001)
     read = []
-    monkeypatch.setattr(api, "next_deadline", lambda: read.append("api"))
+
+    def next_deadline(svc):
+        read.append(svc.service.name)
+        return time.monotonic() + 5 if svc.service.name == "dns" else None
+    monkeypatch.setattr(health.ServiceHealth, "next_deadline", next_deadline)
 
     async def main():
         loop = asyncio.get_running_loop()
-        far = loop.time() + 1000
-        d._tick_handle = loop.call_at(far, d._tick)
-        tracer.batch = [ConnEvent(Kind.CONNECT, time.monotonic(), 1000, "tcp",
-                                  (ipaddress.ip_address("10.90.0.9"), 40000), (web.service.vip, 80),
-                                  web.service.backends[0].key)]
-        d._on_records()
-        moved = d._tick_handle.when()
-        assert moved == web.next_deadline() < far   # the connect's deadline, read from web alone
-        d._on_records()   # nothing fed: the tick stays where it is
-        assert d._tick_handle.when() == moved
+        d._tick_handle = loop.call_at(loop.time() + 1000, d._tick)
+        Path(d.config_path).write_text(Path(d.config_path).read_text() + DNS)
+        d.reload()
+        when = d._tick_handle.when() - loop.time()
         d._tick_handle.cancel()
-    asyncio.run(main())
-    assert read == []
+        return when
+    assert 4 < asyncio.run(main()) <= 5   # the new service's deadline, not the old tick's
+    assert d.reloads == {"ok": 1} and read == ["dns"]   # web and api are not read again
