@@ -127,7 +127,7 @@ def parse(text: str, source: str = "<string>") -> model.Config:
     global _reusable, _reusable_by_first_line
     by_first_line: dict[str, list[str]] = {}
     for entry in report.checked_services:
-        by_first_line.setdefault(entry.split("\n", 1)[0], []).append(entry)
+        by_first_line.setdefault(entry.partition("\n")[0], []).append(entry)
     _reusable, _reusable_by_first_line = report.checked_services, by_first_line
     assert config is not None  # no error messages: every part was valid
     return config
@@ -399,11 +399,14 @@ def _ends_entry(text: str, at: int, first_line: str) -> bool:
     only blanks and comment lines follow, up to the end or to a line indented no deeper
     than its `-` (which closes every block inside the entry). A cheap first test: where it
     errs, the placeholder does not come back as an entry and the file is parsed in full."""
+    dash = len(first_line) - len(first_line.lstrip(" "))
+    if text.startswith("\n", at) and text.startswith(first_line[:dash + 1], at + 1):
+        return True  # the common case: the next line is the next entry, its `-` in the same column
     after = _TRAILER.match(text, at).end()  # type: ignore[union-attr]  # matches the empty string
     if after == len(text):
         return True
     line = text.rfind("\n", 0, after) + 1
-    return line > at and after - line <= len(first_line) - len(first_line.lstrip(" "))
+    return line > at and after - line <= dash
 
 
 def _shortened(text: str) -> tuple[str, list[str]]:
@@ -436,21 +439,26 @@ def _shortened(text: str) -> tuple[str, list[str]]:
 
 def _read_yaml(text: str, report: _Report) -> Any:
     reusable = text.isascii() and not any(c in text for c in "&*!|>")
-    # Python's reader refuses these characters before parsing; libyaml's does not all.
-    fast = _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text)
     if reusable and _reusable:
         short, found = _shortened(text)
         if found:
             try:
-                return _read_yaml_with(_FastLoader if fast else _Loader, short, report, found)
+                # (The replaced entries passed the reader's check in the last parse.)
+                return _read_yaml_with(_FastLoader if _fast(short) else _Loader, short, report, found)
             except (_ReuseMismatch, ConfigError):
                 pass  # parsed in full: errors are worded on the file as it is
+    fast = _fast(text)
     if fast:
         try:
             return _read_yaml_with(_FastLoader, text, report, [] if reusable else None)
         except ConfigError:
             pass  # described by PyYAML's parser, as `check-config` always words it
     return _read_yaml_with(_Loader, text, report, [] if reusable else None)
+
+
+def _fast(text: str) -> bool:
+    # Python's reader refuses these characters before parsing; libyaml's does not all.
+    return _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text)
 
 
 def _read_yaml_with(loader_class: type, text: str, report: _Report, reused: list[str] | None) -> Any:
