@@ -8,10 +8,15 @@ Runs inside one VM (it needs IPVS and BPF):
 namespaces, weight 10), a client making 50 connects/s (3 s connect timeout) to the first
 service. Two runs of RUN seconds each with the same daemon: one without reloads, then one
 with a SIGHUP every second, the configuration file alternating between SERVICES services
-and SERVICES + 1 (one service added, then removed again). The table gives, per run, the
-daemon's CPU time (utime + stime of all its threads, /proc/<pid>/stat), its RSS at the
-end, the reloads it completed (its status counters) and the CPU per reload (the run's CPU
-less the CPU of the run without reloads, over the reloads), and the client's connect times.
+and SERVICES + 1 (one service added, then removed again).
+
+The CPU of a reload is measured around it: the daemon's CPU time (the sum of its threads'
+run time in /proc/<pid>/task/*/schedstat, in nanoseconds) from just before the SIGHUP to
+the log line that ends the reload, less what the daemon spends anyway in that time (its
+CPU per second in the run without reloads: evidence of 50 connects/s). The bench waits for
+that line by reading the log file, so it asks the daemon nothing meanwhile. The table gives
+the median, mean and largest CPU per reload, the daemon's CPU over each whole run, its RSS
+at the end, and the client's connect times.
 """
 from __future__ import annotations
 
@@ -35,7 +40,6 @@ RELOAD_INTERVAL = 1.0
 WEIGHT = 10
 SLOW = 0.5
 SOCKET = "/run/ipvslb-bench.sock"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def vip(i: int) -> str:
@@ -63,9 +67,39 @@ def config_text(workdir: Path, backends, services: int) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """The run time of the daemon's threads so far (schedstat: nanoseconds, not clock ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+class LogWatch:
+    """Counts the daemon's lines that end a reload, read from its log file as it grows."""
+
+    ENDS = ("reloaded ", "reload refused", "reload failed")
+
+    def __init__(self, path: Path):
+        self.file = path.open()
+        self.file.seek(0, os.SEEK_END)
+        self.partial = ""
+        self.ended = 0
+
+    def wait_for(self, count: int, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.ended < count:
+            text = self.partial + self.file.read()
+            *lines, self.partial = text.split("\n")
+            self.ended += sum(any(end in line for end in self.ENDS) for line in lines)
+            if self.ended >= count:
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
 
 def rss_mib(pid: int) -> float:
@@ -90,36 +124,39 @@ def wait_healthy(proc: subprocess.Popen, services: int, timeout: float = 600) ->
     raise RuntimeError(f"the daemon did not bring up {services} services within {timeout:.0f} s")
 
 
-def run(proc: subprocess.Popen, config: Path, texts: list[str] | None) -> dict:
+def run(proc: subprocess.Popen, config: Path, log: Path, texts: list[str] | None, idle_rate: float = 0.0) -> dict:
     """One RUN-second run of the client; with `texts`, a reload every second, the file
-    cycling through them."""
+    cycling through them, each reload's CPU measured around it."""
     before = status.fetch_snapshot(SOCKET).reloads
+    watch = LogWatch(log)
     client = ClientLoop(vip(0), 80)
     cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
     client.start()
-    sent = 0
-    while (elapsed := time.monotonic() - t0) < RUN:
+    sent, costs, walls = 0, [], []
+    while time.monotonic() - t0 < RUN:
         if texts:
             config.write_text(texts[sent % len(texts)])
+            c, w = cpu_seconds(proc.pid), time.monotonic()
             proc.send_signal(signal.SIGHUP)
             sent += 1
-        time.sleep(max(0.0, (sent if texts else RUN) * RELOAD_INTERVAL - elapsed))
+            if watch.wait_for(sent):
+                wall = time.monotonic() - w
+                costs.append(cpu_seconds(proc.pid) - c - idle_rate * wall)
+                walls.append(wall)
+        time.sleep(max(0.0, (sent if texts else RUN) * RELOAD_INTERVAL - (time.monotonic() - t0)))
     client.stop()
-    # Reloads still under way belong to this run.
-    deadline = time.monotonic() + 60
-    while texts and time.monotonic() < deadline:
-        snap = status.fetch_snapshot(SOCKET)
-        done = sum(snap.reloads.values()) - sum(before.values())
-        if done >= 1 and len(snap.services) == SERVICES + 1 - (sent - 1) % 2:
-            break
-        time.sleep(0.5)
     cpu = cpu_seconds(proc.pid) - cpu0
     wall = time.monotonic() - t0
     after = status.fetch_snapshot(SOCKET).reloads
     times = sorted(a.elapsed for a in client.attempts if a.ok)
+    costs.sort()
     return {"sighups": sent, "reloads": after.get("ok", 0) - before.get("ok", 0),
             "failed_reloads": after.get("failed", 0) - before.get("failed", 0),
             "cpu": cpu, "wall": wall, "rss": rss_mib(proc.pid),
+            "cost_median": costs[len(costs) // 2] if costs else float("nan"),
+            "cost_mean": sum(costs) / len(costs) if costs else float("nan"),
+            "cost_max": costs[-1] if costs else float("nan"),
+            "reload_wall": sorted(walls)[len(walls) // 2] if walls else float("nan"),
             "connects": len(client.attempts), "failed": sum(not a.ok for a in client.attempts),
             "p50": times[len(times) // 2] if times else float("nan"),
             "p99": times[int(len(times) * 0.99)] if times else float("nan"),
@@ -137,7 +174,8 @@ def main() -> int:
     config = workdir / "config.yaml"
     texts = [config_text(workdir, topo.backends, SERVICES + 1), config_text(workdir, topo.backends, SERVICES)]
     config.write_text(texts[1])
-    log = (workdir / "ipvslb.log").open("w")
+    log_path = workdir / "ipvslb.log"
+    log = log_path.open("w")
     # PROFILE=1: the daemon's main thread under cProfile, timed in its CPU time, the profile
     # in the logs' directory (for pstats).
     profile = []
@@ -156,31 +194,30 @@ def main() -> int:
         print(f"daemon up with {SERVICES} services in {time.monotonic() - started:.0f} s "
               f"(tracer compile included); config file {len(texts[0]) / 1024:.0f} KiB", flush=True)
         time.sleep(5)
-        quiet = run(proc, config, None)
+        quiet = run(proc, config, log_path, None)
         print("run without reloads done", flush=True)
-        busy = run(proc, config, texts)
+        idle_rate = quiet["cpu"] / quiet["wall"]
+        busy = run(proc, config, log_path, texts, idle_rate)
         alive = proc.poll() is None
     finally:
         proc.terminate()
         proc.wait(20)
         topology.sh("ipvsadm", "-C", check=False)
         topo.teardown()
-    idle_rate = quiet["cpu"] / quiet["wall"]
-    per_reload = (busy["cpu"] - idle_rate * busy["wall"]) / max(busy["reloads"], 1)
     print(f"\n{SERVICES} services x 3 backends, {RUN:.0f} s per run, a SIGHUP every {RELOAD_INTERVAL:.0f} s "
           f"(one service added or removed), client 50 connects/s, kernel {os.uname().release}\n")
-    print(f"{'run':<16} {'reloads':>8} {'daemon CPU':>11} {'CPU/reload':>11} {'RSS':>8} {'connects':>9} "
-          f"{'failed':>7} {'p50':>8} {'p99':>8} {'max':>8} {'>0.5 s':>7}")
+    print(f"{'reloads':>8} {'CPU per reload: median':>23} {'mean':>8} {'max':>8} {'reload wall (median)':>21}")
+    print(f"{busy['reloads']:>5}/{busy['sighups']:<2} {busy['cost_median'] * 1000:>20.1f} ms "
+          f"{busy['cost_mean'] * 1000:>5.1f} ms {busy['cost_max'] * 1000:>5.1f} ms "
+          f"{busy['reload_wall'] * 1000:>18.0f} ms")
+    print(f"\nCPU per reload: the daemon's CPU from its SIGHUP to its log line, less {idle_rate * 1000:.0f} ms/s "
+          f"(its CPU in the run without reloads) over that time; failed reloads: {busy['failed_reloads']}; "
+          f"daemon alive at the end: {alive}\n")
+    print(f"{'run':<16} {'daemon CPU':>11} {'RSS':>8} {'connects':>9} {'failed':>7} {'p50':>8} {'p99':>8} "
+          f"{'max':>8} {'>0.5 s':>7}")
     for name, r in (("without reloads", quiet), ("with reloads", busy)):
-        reloads = f"{r['reloads']}/{r['sighups']}" if r["sighups"] else "0"
-        cost = f"{per_reload * 1000:.0f} ms" if r is busy else "-"
-        print(f"{name:<16} {reloads:>8} {r['cpu']:>9.2f} s {cost:>11} {r['rss']:>4.0f} MiB {r['connects']:>9} "
-              f"{r['failed']:>7} {r['p50'] * 1000:>5.1f} ms {r['p99'] * 1000:>5.0f} ms {r['max'] * 1000:>5.0f} ms "
-              f"{r['slow']:>7}")
-    print(f"\nreloads: SIGHUPs sent / reloads completed (a SIGHUP during a reload asks for one more after "
-          f"it); failed reloads: {busy['failed_reloads']}; daemon alive at the end: {alive}")
-    print(f"CPU/reload: the run's CPU less {idle_rate * 1000:.0f} ms/s (the run without reloads), over the "
-          f"reloads completed")
+        print(f"{name:<16} {r['cpu']:>9.2f} s {r['rss']:>4.0f} MiB {r['connects']:>9} {r['failed']:>7} "
+              f"{r['p50'] * 1000:>5.1f} ms {r['p99'] * 1000:>5.0f} ms {r['max'] * 1000:>5.0f} ms {r['slow']:>7}")
     for name, r in (("without reloads", quiet), ("with reloads", busy)):
         if r["slow_at"]:
             print(f"connects over {SLOW} s {name}, started at (s into the run): {r['slow_at'][:20]}")
