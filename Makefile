@@ -118,7 +118,7 @@ test-collection: ansible-venv build-deps
 	PATH=$(ANSIBLE_BIN):$$PATH ./ansible/tests/collection-test
 
 # The whole Molecule suite: one scenario after the other, each VM holding the test bed's VM
-# lock from create to destroy (17-18 minutes per kernel here under TCG). Not part of
+# lock from create to destroy (about 21 minutes per kernel here under TCG). Not part of
 # `make check`: it would add over half an hour of VMs to CI (docs/benchmarks.md).
 # `MOLECULE_SCENARIOS=kernel-6.1` for one.
 # The collection as `ansible-galaxy collection install` puts it, for Molecule's converge.
