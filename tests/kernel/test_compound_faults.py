@@ -205,6 +205,12 @@ def test_this_host_losing_its_path_to_every_backend_quarantines_nothing_while_it
     full = {endpoint(b): WEIGHT for b in backends}
     loop = client(THREE)
     wait_for_history(loop, backends)
+    # Every backend judged by a short deadline, as the scenario means: connects an earlier
+    # test slowed (1-5 s) can hold a backend's p99, and its deadline, up for 200 connects.
+    # A backend whose deadline is seconds long is not silent "together" with the others.
+    wait_for(lambda: all(r["connect_deadline"] is not None and r["connect_deadline"] <= 0.5
+                         for r in rows(fresh, "three").values()),
+             60, "every backend's connect deadline trusted and at most 0.5 s")
     pid = fresh.proc.pid
     lost = time.monotonic()
     lose_every_path(backends, how)
