@@ -234,7 +234,9 @@ def test_this_host_losing_its_path_to_every_backend_quarantines_nothing_while_it
           f"{sum(1 for a in after_restore if not a.ok)} failed; freeze lines: "
           f"{[line for line in fresh.log().splitlines() if 'freez' in line or 'frozen' in line][-3:]}")
     assert all(not changes for changes in lowered.values()), lowered
-    assert weights_of(*THREE) == full
+    # Full weight again, also after a re-admission that the link's activation gap caused
+    # (see above): waited for, not read once.
+    wait_for(lambda: weights_of(*THREE) == full, 30, "every backend at full weight after the restore")
     assert fresh.proc.pid == pid and fresh.proc.poll() is None
     assert after and all(a.ok for a in after_restore), [a.error for a in after_restore if not a.ok]
     assert {a.backend for a in after} == {f"b{b.index}" for b in backends}
