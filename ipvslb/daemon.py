@@ -473,34 +473,32 @@ class Daemon:
             self.reconcile.last_seconds = time.monotonic() - started
         pending: list[tuple[health.ServiceHealth, list]] = []
         kept: dict[ServiceKey, health.ServiceHealth] = {}
-        changed: list[Service] = []
-        changed_health: list[health.ServiceHealth] = []
+        changed: list[health.ServiceHealth] = []
         missed = False  # whether a weight held for the trial is not the one wanted now
         for svc, current, trial in trials:
             if trial is current:
                 kept[svc.key] = trial
                 continue
-            changed.append(svc)
             if current is None:
                 kept[svc.key] = trial
             else:  # the one in force takes the change: its probes in flight land on it
                 pending.append((current, current.update_service(svc, now)))
                 kept[svc.key] = current
                 missed = missed or current.weights() != trial.weights()
-            changed_health.append(kept[svc.key])
+            changed.append(kept[svc.key])
         self._forget_connect_times(kept)
         self.health = kept
         self.cfg = new
         # Drains end only with their backends (Manager.apply), which only changed services lose.
-        self._sync_drains(changed_health)
+        self._sync_drains(changed)
         self.active_checks.update(new.services)
-        for svc in changed:
-            self._hold_wanted_weights(svc)
+        for svc_health in changed:
+            self._hold_wanted_weights(svc_health.service)
         if missed:
             self._apply(routine=True, verify=False)
         for held, decided in pending:
             self.executor.act(held, [a for a in decided if not isinstance(a, health.SetWeight)])
-        self._schedule_tick(changed_health)
+        self._schedule_tick(changed)
         return True
 
     def _forget_connect_times(self, kept: dict[ServiceKey, health.ServiceHealth]) -> None:

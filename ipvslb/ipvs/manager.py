@@ -213,7 +213,7 @@ class Manager:
     def set_weight(self, service: model.ServiceKey, backend: model.Endpoint, weight: int | None) -> int:
         """hold_weight, and write the resulting weight now (one write). Returns it."""
         svc = self._services[service]
-        configured = next((b for b in svc.backends if b.key == backend), None)
+        configured = _configured(svc, backend)
         if configured is None:
             raise KeyError(backend)
         self.hold_weight(service, backend, None if weight is None or weight >= configured.weight else weight)
@@ -235,7 +235,7 @@ class Manager:
         the weight written. KeyError when the service or backend is not configured,
         OSError when the record or the write fails."""
         svc = self._services[service]
-        configured = next((b for b in svc.backends if b.key == backend), None)
+        configured = _configured(svc, backend)
         if configured is None:
             raise KeyError(backend)
         key = (service, backend)
@@ -267,12 +267,17 @@ class Manager:
         return backend.weight if override is None else min(backend.weight, override)
 
 
+def _configured(svc: model.Service, backend: model.Endpoint) -> model.Backend | None:
+    return next((b for b in svc.backends if b.key == backend), None)
+
+
 def _configured_weight(services: dict[model.ServiceKey, model.Service], service: model.ServiceKey,
                        backend: model.Endpoint) -> int:
     """The backend's configured weight; -1 when it is not configured. (Looked up per held
     weight, not through a table of every backend: keys of addresses are slow to hash.)"""
     svc = services.get(service)
-    return next((b.weight for b in svc.backends if b.key == backend), -1) if svc is not None else -1
+    configured = _configured(svc, backend) if svc is not None else None
+    return configured.weight if configured is not None else -1
 
 
 def ip_text(packed: bytes) -> str:
