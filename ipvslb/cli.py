@@ -204,12 +204,14 @@ def _status(args: argparse.Namespace) -> int:
 def _parse_vip(text: str):
     import ipaddress
 
+    from ipvslb.tracer.records import Vip
+
     proto, _, rest = text.partition(":")
     addr, _, port = rest.rpartition(":")
     try:
         if proto not in ("tcp", "udp"):
             raise ValueError
-        return proto, ipaddress.ip_address(addr.strip("[]")), int(port)
+        return Vip(proto, ipaddress.ip_address(addr.strip("[]")), int(port))
     except ValueError:
         raise SystemExit(f"ipvslb: --vip {text!r}: expected PROTO:ADDR:PORT, e.g. tcp:10.0.0.1:80") from None
 
@@ -226,7 +228,7 @@ def _events(args: argparse.Namespace) -> int:
         except config.ConfigError as err:
             print("\n".join(err.messages), file=sys.stderr)
             return 1
-        vips = [(s.protocol, s.vip, s.port) for s in cfg.services]
+        vips = list(cfg.services)
         settings = cfg.settings.tracer
     try:
         # An operator watching wants every connect and close, whatever the daemon's settings.

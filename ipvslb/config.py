@@ -124,11 +124,13 @@ def parse(text: str, source: str = "<string>") -> model.Config:
     config = _config(_read_yaml(text, report), report)
     if report.messages:
         raise ConfigError(_capped(report.messages, source))
-    global _reusable, _reusable_by_first_line
+    global _reusable, _reusable_by_first_line, _last_text, _last_entries
     by_first_line: dict[str, list[str]] = {}
     for entry in report.checked_services:
         by_first_line.setdefault(entry.partition("\n")[0], []).append(entry)
     _reusable, _reusable_by_first_line = report.checked_services, by_first_line
+    entries = _entries_at(text, report.service_texts, report.services_line)
+    _last_text, _last_entries = (text, entries) if entries else ("", [])
     assert config is not None  # no error messages: every part was valid
     return config
 
@@ -166,6 +168,7 @@ class _Report:
         self.messages: list[str] = []
         # Per entry of `services`, its text (None: not reusable); entry text -> checked.
         self.service_texts: list[str | None] | None = None
+        self.services_line = -1  # the line of the first entry of `services`
         self.checked_services: dict[str, _Reused] = {}
 
     def error(self, path: str, problem: str, expected: str, got: Any = _NOTHING) -> None:
@@ -204,8 +207,9 @@ class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
     # reuse; the reused entries its placeholders stand for, in order (see _shortened); the
     # text of each entry (None: not reusable).
     reuse_text: str | None = None
-    reused_entries: list[str] = []
+    reused_entries: list[list[str]] = []
     service_texts: list[str | None] | None = None
+    services_line = -1
 
     def compose_document(self):
         self.get_event()  # DOCUMENT-START, as Composer.compose_document
@@ -236,8 +240,8 @@ class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
         return node
 
     def _compose_services(self, parent: yaml.Node, index: yaml.Node) -> yaml.SequenceNode:
-        """The `services` sequence: a placeholder entry becomes a _ReusedNode for the entry
-        it stands for; any other entry is composed, and its text kept if it is a block
+        """The `services` sequence: a placeholder entry becomes a _ReusedNode for each entry
+        of the run it stands for; any other entry is composed, and its text kept if it is a block
         entry (`-` first on its line)."""
         text, reused = self.reuse_text or "", self.reused_entries
         start = self.get_event()
@@ -248,12 +252,14 @@ class _Checks(_LoaderBase):  # type: ignore[misc,valid-type]
         used = 0
         while not self.check_event(yaml.SequenceEndEvent):
             event = self.peek_event()
+            if not node.value:
+                self.services_line = event.start_mark.line
             if isinstance(event, yaml.ScalarEvent) and event.value.startswith(_PLACEHOLDER):
                 self.get_event()
                 if used == len(reused) or event.value != f"{_PLACEHOLDER}{used}":
                     raise _ReuseMismatch()
-                texts.append(reused[used])
-                node.value.append(_ReusedNode(event.start_mark, event.end_mark, _reusable[reused[used]]))
+                texts += reused[used]
+                node.value += [_ReusedNode(event.start_mark, event.end_mark, _reusable[t]) for t in reused[used]]
                 used += 1
                 continue
             begin = event.start_mark.index
@@ -350,14 +356,14 @@ def _where(mark: yaml.Mark) -> str:
 # --- services reused between parses ----------------------------------------------------
 # A reload re-reads the whole file, but mostly for one changed service. An entry of
 # `services` whose text is the same as in the last good parse is neither parsed nor
-# checked again: _shortened replaces it with a placeholder entry on the same lines, and its
-# checked values and model.Service are reused, the very objects, so that the daemon's
-# reload finds them unchanged by identity too. The placeholders must come back, in order,
-# as entries of `services`, else the file is parsed in full: that holds only where the
-# replaced text was a whole entry. The text of an entry decides its value only when
-# nothing in it refers elsewhere: files with anchors, aliases, tags or block scalars (`&`,
-# `*`, `!`, `|`, `>` anywhere, comments included) and non-ASCII files (whose marks libyaml
-# counts in bytes) are parsed in full.
+# checked again: _shortened replaces runs of such entries with one placeholder entry on the
+# same lines, and their checked values and model.Service are reused, the very objects, so
+# that the daemon's reload finds them unchanged by identity too. The placeholders must
+# come back, in order, as entries of `services`, else the file is parsed in full: that
+# holds only where the replaced text was whole entries. The text of an entry decides its
+# value only when nothing in it refers elsewhere: files with anchors, aliases, tags or
+# block scalars (`&`, `*`, `!`, `|`, `>` anywhere, comments included) and non-ASCII files
+# (whose marks libyaml counts in bytes) are parsed in full.
 
 
 class _Reused:
@@ -383,6 +389,11 @@ class _ReuseMismatch(Exception):
 # parse; and the entries' texts by their first line, to find them in the next text.
 _reusable: dict[str, _Reused] = {}
 _reusable_by_first_line: dict[str, list[str]] = {}
+# The text of the last good parse and where its entries of `services` are in it, in
+# order: (start, end, text). The part of the next text that is the same at its start, and
+# at its end, holds those entries where they were, found without a look at each line.
+_last_text = ""
+_last_entries: list[tuple[int, int, str]] = []
 # A plain scalar no file holds: its tail is random per process.
 _PLACEHOLDER = f"ipvslb-reused-{secrets.token_hex(8)}-"
 # Trailing blanks are not part of an entry (block scalars, whose kept trailing newlines
@@ -409,32 +420,124 @@ def _ends_entry(text: str, at: int, first_line: str) -> bool:
     return line > at and after - line <= dash
 
 
-def _shortened(text: str) -> tuple[str, list[str]]:
-    """`text` with each entry found in _reusable replaced by a placeholder entry on its
-    first line and as many line breaks as it had (so every other line and column stays
-    where it is), and the entries replaced, in order."""
+def _entries_at(text: str, texts: list[str | None] | None, first_line: int) -> list[tuple[int, int, str]]:
+    """Where the entries of `services` with these texts are in `text`, in order; [] when
+    that is not certain: an entry not reusable, or one not where a parse put it (the first
+    on the line its node started on, each next one after only blank and comment lines)."""
+    found: list[tuple[int, int, str]] = []
+    at = 0
+    for entry in texts or ():
+        if entry is None:
+            return []
+        if found and text.startswith("\n", at) and text.startswith(entry, at + 1):
+            at += 1 + len(entry)  # the common case: right on the next line
+            found.append((at - len(entry), at, entry))
+            continue
+        start = text.find(entry, at)
+        if start < 0:
+            return []
+        if found:
+            indent = len(entry) - len(entry.lstrip(" "))
+            if _TRAILER.match(text, at).end() != start + indent:  # type: ignore[union-attr]
+                return []
+        elif text.count("\n", 0, start) != first_line or (start and text[start - 1] != "\n"):
+            return []
+        at = start + len(entry)
+        found.append((start, at, entry))
+    return found
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix, by bisection: each step is one comparison
+    in C, where a loop over characters would be one Python step each."""
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; a[:high] != b[:high] unless equal
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _common_suffix(a: str, b: str, most: int) -> int:
+    """The length of the longest common suffix, at most `most`, as _common_prefix."""
+    la, lb = len(a), len(b)
+    low, high = 0, most
+    if a[la - high:] == b[lb - high:]:
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[la - mid:la - low] == b[lb - mid:lb - low]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _shortened(text: str) -> tuple[str, list[list[str]]]:
+    """`text` with entries found in _reusable replaced by placeholder entries, each on
+    the first line of what it replaced and followed by as many line breaks as that had (so
+    every other line and column stays where it is), and the runs of entries replaced, in
+    order. A run is the entries of the last good parse in the part both texts start with,
+    those in the part both end with, or one entry elsewhere, found by its first line."""
+    old, entries, size = _last_text, _last_entries, len(text)
+    prefix = _common_prefix(old, text)
+    lead = 0  # entries[:lead] stay where they were, at the start
+    while lead < len(entries) and entries[lead][1] <= prefix:
+        lead += 1
+    while lead and not _ends_entry(text, entries[lead - 1][1], _first_line(entries[lead - 1][2])):
+        lead -= 1
+    middle = entries[lead - 1][1] if lead else 0
+    # (The common end may overlap the common start: the runs found in them do not.)
+    suffix = _common_suffix(old, text, min(len(old), size) - middle)
+    shift = size - len(old)
+    trail = len(entries)  # entries[trail:] stay as they were, at the end, shifted
+    while trail > lead and entries[trail - 1][0] >= len(old) - suffix and entries[trail - 1][0] + shift >= middle:
+        trail -= 1
+    while trail < len(entries) and entries[trail][0] + shift and text[entries[trail][0] + shift - 1] != "\n":
+        trail += 1
+    if trail < len(entries) and not _ends_entry(text, entries[-1][1] + shift, _first_line(entries[-1][2])):
+        trail = len(entries)
+    middle_end = entries[trail][0] + shift if trail < len(entries) else size
+
+    spans: list[tuple[int, int, list[str]]] = []  # (start, end, the run replaced)
+    if lead:
+        spans.append((entries[0][0], middle, [e[2] for e in entries[:lead]]))
     by_first_line = _reusable_by_first_line
-    parts: list[str] = []
-    found: list[str] = []
-    size, done, at = len(text), 0, 0
-    while at < size:
+    at = 0
+    if lead:  # the line after the run's last
+        at = text.find("\n", middle) + 1 or size
+    while at < middle_end:
         end = text.find("\n", at)
         end = size if end < 0 else end
         first_line = text[at:end]
         candidates = by_first_line.get(first_line)
-        entry = next((t for t in candidates if text.startswith(t, at) and _ends_entry(text, at + len(t), first_line)),
-                     None) if candidates else None
+        entry = next((t for t in candidates if at + len(t) <= middle_end and text.startswith(t, at)
+                      and _ends_entry(text, at + len(t), first_line)), None) if candidates else None
         if entry is not None:
-            dash = _ENTRY_START.match(entry)  # kept entries all start so
-            assert dash is not None
-            parts += [text[done:at + dash.end()], f"{_PLACEHOLDER}{len(found)}", "\n" * entry.count("\n")]
-            found.append(entry)
-            done = at + len(entry)
-            end = text.find("\n", done)
+            spans.append((at, at + len(entry), [entry]))
+            end = text.find("\n", at + len(entry))
             end = size if end < 0 else end
         at = end + 1
+    if trail < len(entries):
+        spans.append((middle_end, entries[-1][1] + shift, [e[2] for e in entries[trail:]]))
+
+    parts: list[str] = []
+    done = 0
+    for number, (start, end, _run) in enumerate(spans):
+        dash = _ENTRY_START.match(text, start)  # kept entries all start so
+        assert dash is not None
+        parts += [text[done:dash.end()], f"{_PLACEHOLDER}{number}", "\n" * text.count("\n", start, end)]
+        done = end
     parts.append(text[done:])
-    return "".join(parts), found
+    return "".join(parts), [run for _, _, run in spans]
+
+
+def _first_line(entry: str) -> str:
+    return entry.partition("\n")[0]
 
 
 def _read_yaml(text: str, report: _Report) -> Any:
@@ -461,9 +564,9 @@ def _fast(text: str) -> bool:
     return _FastLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text)
 
 
-def _read_yaml_with(loader_class: type, text: str, report: _Report, reused: list[str] | None) -> Any:
-    """The document; with `reused` (not None), `text` has a placeholder for each of its
-    entries, and the texts of entries are kept."""
+def _read_yaml_with(loader_class: type, text: str, report: _Report, reused: list[list[str]] | None) -> Any:
+    """The document; with `reused` (not None), `text` has a placeholder for each run of
+    entries in it, and the texts of entries are kept."""
     def fail(problem: str) -> ConfigError:
         return ConfigError([f"{report.source}: {problem}"])
 
@@ -478,7 +581,7 @@ def _read_yaml_with(loader_class: type, text: str, report: _Report, reused: list
         node = loader.get_single_node()
         if reused and loader.service_texts is None:
             raise _ReuseMismatch()  # no `services` took the placeholders
-        report.service_texts = loader.service_texts
+        report.service_texts, report.services_line = loader.service_texts, loader.services_line
         doc = None if node is None else loader.construct_document(node)
     except _ReuseMismatch:
         raise

@@ -463,7 +463,7 @@ class Daemon:
             # The verify timer still repairs others' changes within ipvs_verify_interval.
             result = self.manager.apply(new.services, verify=False)
             self.reconcile.writes += result.writes
-            self.tracer.set_vips((s.protocol, s.vip, s.port) for s in new.services)
+            self.tracer.set_vips(new.services)
         except Exception as err:
             log.error("reload failed, the previous configuration stays in force: %s", err)
             self._roll_back()
@@ -522,7 +522,7 @@ class Daemon:
             for svc in self.cfg.services:
                 self._hold_wanted_weights(svc)
             self._apply(routine=True)
-            self.tracer.set_vips((s.protocol, s.vip, s.port) for s in self.cfg.services)
+            self.tracer.set_vips(self.cfg.services)
         except Exception as err:
             self._internal_error("reload", err)
 
@@ -608,7 +608,7 @@ class Daemon:
         set_nice(self.cfg.settings.nice)
         self._start_health(time.monotonic())
         self._apply()
-        self.tracer.set_vips((s.protocol, s.vip, s.port) for s in self.cfg.services)
+        self.tracer.set_vips(self.cfg.services)
         loop.add_reader(self.tracer.fileno(), self._on_records)
         # Checked before the compile; still refused here if another process took them since.
         try:

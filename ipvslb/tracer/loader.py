@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipvslb.model import Endpoint, IPAddress, TracerSettings
+from ipvslb.model import Endpoint, TracerSettings
 from ipvslb.tracer import btf, conntable, paircounts, records, ringbuf
 from ipvslb.tracer.records import ConnEvent
 
@@ -205,6 +205,7 @@ class Tracer:
         self.set_sample_interval(settings.sample_interval)
         self._vips: set[bytes] = set()
         self._ports: set[int] = set()
+        self._keys: dict[int, tuple[records.Traced, bytes]] = {}  # id -> (service, its key)
 
     def _attach_kprobe(self) -> None:
         try:
@@ -241,11 +242,18 @@ class Tracer:
             self.bpf.detach_kprobe(event=KPROBE)
         self.attribution = "conntable"
 
-    def set_vips(self, vips: Iterable[tuple[str, IPAddress, int]]) -> None:
-        """Trace exactly these (protocol, address, port) services from now on."""
-        vips = list(vips)
-        wanted = {records.vip_key(*v) for v in vips}
-        ports = {port for protocol, _address, port in vips if protocol == "tcp"}
+    def set_vips(self, services: Iterable[records.Traced]) -> None:
+        """Trace exactly these services (model.Service, or records.Vip) from now on."""
+        # Their map keys by identity: a reload passes the same unchanged model.Service
+        # objects again, and packing hundreds of keys is a step per service per reload.
+        known, keys = self._keys, {}
+        for svc in services:
+            hit = known.get(id(svc))
+            keys[id(svc)] = hit if hit is not None and hit[0] is svc else (svc, records.vip_key(svc.protocol, svc.vip,
+                                                                                                    svc.port))
+        self._keys = keys
+        wanted = {key for _, key in keys.values()}
+        ports = {svc.port for svc, _ in keys.values() if svc.protocol == "tcp"}
         port_table = self.bpf[b"vip_ports"]
         for port in ports - self._ports:
             port_table[ctypes.c_int(port)] = ctypes.c_uint8(1)

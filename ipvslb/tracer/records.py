@@ -8,7 +8,7 @@ import enum
 import ipaddress
 import struct
 from socket import AF_INET, AF_INET6
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ipvslb.model import PROTOCOL_NAMES, PROTOCOLS, Endpoint, IPAddress, format_endpoint
 
@@ -213,6 +213,23 @@ class CountedSince:
                 fresh.append((c, c.connects - last))
             self._last[pair] = c.connects
         return fresh
+
+
+class Traced(Protocol):
+    """A service to trace, as Tracer.set_vips needs it: model.Service, or Vip."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def vip(self) -> IPAddress: ...
+    @property
+    def port(self) -> int: ...
+
+
+class Vip(NamedTuple):
+    protocol: str
+    vip: IPAddress
+    port: int
 
 
 # struct vip_key, the `vips` map's key.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvslb.tracer.records import Kind
+from ipvslb.tracer.records import Kind, Vip
 from tests.kernel.conftest import ConnectFailed, connect, ipvsadm
 from tests.kernel.test_smoke import PORT, VIP4, VIP6, add_service
 
@@ -22,7 +22,7 @@ from tests.kernel.test_smoke import PORT, VIP4, VIP6, add_service
 @pytest.fixture
 def traced(topo, tracer):
     """Topology plus a tracer that watches VIP4/VIP6 TCP and starts with nothing pending."""
-    vips = [("tcp", ipaddress.ip_address(VIP4), PORT), ("tcp", ipaddress.ip_address(VIP6), PORT)]
+    vips = [Vip("tcp", ipaddress.ip_address(VIP4), PORT), Vip("tcp", ipaddress.ip_address(VIP6), PORT)]
     tracer.set_vips(vips)
     tracer.read()
     yield tracer
@@ -84,11 +84,11 @@ def test_the_traced_services_follow_set_vips_even_when_two_share_a_port(traced, 
 
     seen: list[str] = []  # for the failure message: which records made a VIP look traced
     assert traced_ports() == {VIP4: True, VIP6: True}, seen
-    traced.set_vips([("tcp", ipaddress.ip_address(VIP4), PORT)])
+    traced.set_vips([Vip("tcp", ipaddress.ip_address(VIP4), PORT)])
     assert traced_ports() == {VIP4: True, VIP6: False}, seen
     traced.set_vips([])
     assert traced_ports() == {VIP4: False, VIP6: False}, seen
-    traced.set_vips([("tcp", ipaddress.ip_address(VIP6), PORT)])
+    traced.set_vips([Vip("tcp", ipaddress.ip_address(VIP6), PORT)])
     assert traced_ports() == {VIP4: False, VIP6: True}, seen
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ipvslb.model import HealthSettings
-from ipvslb.tracer.records import Kind
+from ipvslb.tracer.records import Kind, Vip
 from ipvslb.udpwatch import STEPS
 from tests.kernel.conftest import ipvsadm
 from tests.kernel.daemonproc import SOCKET, WORK, running, wait_for
@@ -68,7 +68,7 @@ def unreachables(tracer, client_port: int, wait: float = 0.5) -> list:
 def test_an_unreachable_from_the_backend_is_traced_to_it_and_one_from_ipvs_never(tracer, topo, family):
     vip = {4: "10.90.0.1", 6: "fd90::1"}[family]
     closed, serving = topo.backends[0], topo.backends[1]
-    tracer.set_vips([("udp", ipaddress.ip_address(vip), PORT)])
+    tracer.set_vips([Vip("udp", ipaddress.ip_address(vip), PORT)])
     tracer.read()
     target = add_service(topo, vip, [closed], udp=True)
     closed.set_udp("close")

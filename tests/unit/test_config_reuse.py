@@ -18,8 +18,13 @@ def service(i: int, backends: int = 3) -> str:
             + "".join(f"      - {{address: 10.77.{j}.2, port: 8080, weight: 10}}\n" for j in range(1, backends + 1)))
 
 
-def from_nothing(text: str):
+def forget() -> None:
     config._reusable, config._reusable_by_first_line = {}, {}
+    config._last_text, config._last_entries = "", []
+
+
+def from_nothing(text: str):
+    forget()
     return outcome(text)
 
 
@@ -32,9 +37,9 @@ def outcome(text: str):
 
 @pytest.fixture(autouse=True)
 def no_reuse_between_tests():
-    config._reusable, config._reusable_by_first_line = {}, {}
+    forget()
     yield
-    config._reusable, config._reusable_by_first_line = {}, {}
+    forget()
 
 
 def test_unchanged_entries_are_the_same_objects_and_a_changed_one_is_new():
@@ -47,9 +52,11 @@ def test_unchanged_entries_are_the_same_objects_and_a_changed_one_is_new():
 def test_any_sequence_of_edits_parses_as_from_nothing():
     rng = random.Random(7)
     entries = [service(i) for i in range(30)]
+    before: tuple = ()
+    shared = possible = 0
     for step in range(80):
         i = rng.randrange(len(entries))
-        match rng.randrange(7):
+        match rng.randrange(8):
             case 0:
                 entries.pop(i)
             case 1:
@@ -64,10 +71,18 @@ def test_any_sequence_of_edits_parses_as_from_nothing():
                 entries[i] = entries[i].replace("port: 80", "port: 0", 1)
             case 6:
                 entries[i] = service(i)
+            case 7:  # blank and comment lines between entries
+                entries[i] = "\n# between\n  # indented\n" + entries[i]
         text = HEAD + "".join(entries) + ("extra: 1\n" if step % 9 == 0 else "")
         reused = outcome(text)
         assert reused == from_nothing(text), f"step {step}"
-        outcome(text)  # leave the reuse state of this text for the next step
+        if isinstance(reused, config.model.Config):
+            shared += len({id(s) for s in reused.services} & {id(s) for s in before})
+            possible += len(before)
+        last = outcome(text)  # leave the reuse state of this text for the next step
+        before = last.services if isinstance(last, config.model.Config) else ()
+    # The reuse was taken (unchanged entries are the same objects), not the full parse.
+    assert possible > 100 and shared > possible // 2
 
 
 def test_an_anchor_anywhere_turns_reuse_off():
@@ -81,7 +96,7 @@ def test_a_reload_parses_only_the_changed_entry_and_keeps_lines():
     config.parse(HEAD + "".join(service(i) for i in range(20)))
     text = HEAD + "".join(service(i, 2 if i == 7 else 3) for i in range(20))
     short, found = config._shortened(text)
-    assert len(found) == 19 and service(7, 2).rstrip() in short
+    assert [len(run) for run in found] == [7, 12] and service(7, 2).rstrip() in short
     assert short.count("\n") == text.count("\n")   # errors elsewhere keep their line numbers
     assert "svc3" not in short
 
@@ -106,9 +121,23 @@ WRAPPED = {
 }
 
 
+# One entry of the last parse, found by its first line; all of them, which the new text
+# begins or ends with, found as a run.
+ENTRIES = {"one": service(3), "all": "".join(service(i) for i in range(6))}
+
+
+@pytest.mark.parametrize("entries", ENTRIES)
 @pytest.mark.parametrize("wrap", WRAPPED)
-def test_an_entry_text_in_another_context_parses_as_from_nothing(wrap):
-    entry = service(3)
+def test_entry_texts_in_another_context_parse_as_from_nothing(wrap, entries):
     config.parse(HEAD + "".join(service(i) for i in range(6)))
-    text = WRAPPED[wrap](entry)
+    text = WRAPPED[wrap](ENTRIES[entries])
+    assert outcome(text) == from_nothing(text)
+
+
+def test_runs_at_the_start_and_end_are_found_without_the_line_scan():
+    config.parse(HEAD + "".join(service(i) for i in range(20)))
+    config._reusable_by_first_line = {}  # what the line scan would use
+    text = HEAD + "".join(service(i) for i in range(20) if i != 7)
+    short, found = config._shortened(text)
+    assert [len(run) for run in found] == [7, 12] and "svc8" not in short
     assert outcome(text) == from_nothing(text)

@@ -78,7 +78,7 @@ class FakeTracer:
     def set_vips(self, vips):
         if self.set_vips_error is not None:
             raise self.set_vips_error
-        self.vips = sorted((p, str(v), port) for p, v, port in vips)
+        self.vips = sorted((s.protocol, str(s.vip), s.port) for s in vips)
 
     def lost_records(self):
         return 0
@@ -133,7 +133,7 @@ def started(d: daemon.Daemon) -> daemon.Daemon:
     d._open_kernel()
     d._start_health(time.monotonic())
     d._apply()
-    d.tracer.set_vips((s.protocol, s.vip, s.port) for s in d.cfg.services)
+    d.tracer.set_vips(d.cfg.services)
     return d
 
 
