@@ -170,9 +170,13 @@ def main() -> int:
         topology.sh("modprobe", module)
     topology.sh("ipvsadm", "-C")
     workdir = Path(tempfile.mkdtemp(prefix="ipvslb-reload-", dir=os.environ.get("IPVSLB_RESULTS")))
+    # The configuration and the state directory on the guest's own filesystem (/var/tmp is
+    # a tmpfs in the test VM), as /etc and /var/lib are local on a host; the results
+    # directory is shared with the host, and each of its writes and fsyncs is a round trip.
+    local = Path(tempfile.mkdtemp(prefix="ipvslb-reload-", dir="/var/tmp"))
     topo = topology.build(3, prefix="br")
-    config = workdir / "config.yaml"
-    texts = [config_text(workdir, topo.backends, SERVICES + 1), config_text(workdir, topo.backends, SERVICES)]
+    config = local / "config.yaml"
+    texts = [config_text(local, topo.backends, SERVICES + 1), config_text(local, topo.backends, SERVICES)]
     config.write_text(texts[1])
     log_path = workdir / "ipvslb.log"
     log = log_path.open("w")

@@ -71,6 +71,10 @@ class Manager:
         # The daemon passes the same frozen objects until a reload, and building 10 000
         # destination specs would be most of what an unchanged apply costs.
         self._specs: dict[int, tuple[model.Service, ServiceSpec, list[DestSpec]]] = {}
+        # id(spec) -> (spec, destinations) of the last apply that succeeded: what the kernel
+        # holds by the snapshot. While the snapshot is trusted, a reload plans only the
+        # services that are not these same objects. Any other write forgets it.
+        self._applied: dict[int, tuple[ServiceSpec, list[DestSpec]]] = {}
         self.verify_interval = settings.ipvs_verify_interval
         self._clock = clock
         self._snapshot: Snapshot | None = None
@@ -143,6 +147,7 @@ class Manager:
         vips_wanted = frozenset(spec.vip for spec, _ in desired) if self.vips is not None else frozenset()
         owned_before = self.ownership.services
         state, self._snapshot = self._snapshot, None   # restored only if all goes well
+        applied, self._applied = self._applied, {}     # likewise
         trusted = not verify and state is not None and self._clock() - state.taken < self.verify_interval \
             and state.knows(wanted)
         if not trusted or state is None:  # (trusted only with a snapshot)
@@ -164,7 +169,8 @@ class Manager:
                 self.vips.add(vip)
                 state.vips.add(vip)
 
-        ops = reconcile.plan(desired, state.services, state.dests, self.ownership.services)
+        ops = reconcile.plan(desired, state.services, state.dests, self.ownership.services,
+                             applied if trusted else None)
         failures = self.ipvs.execute(ops)
 
         # A service we failed to delete stays ours. A VIP of ours stays while any IPVS
@@ -185,6 +191,7 @@ class Manager:
             return ops, failures, True
         state.record(ops)
         self._snapshot = state
+        self._applied = {id(spec): (spec, dests) for spec, dests in desired}
         return ops, failures, False
 
     def _read(self, wanted: frozenset) -> Snapshot:
@@ -223,6 +230,7 @@ class Manager:
         effective = self._weight(svc, configured)
         op = Op(OpKind.EDIT_DEST, service_spec(svc), dest_spec(svc, configured, effective))
         state, self._snapshot = self._snapshot, None
+        self._applied = {}  # the kernel now holds a weight no apply planned
         self.ipvs.apply_one(op)
         if state is not None and op.service.key in state.dests:
             state.record([op])

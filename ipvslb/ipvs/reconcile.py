@@ -16,15 +16,22 @@ from ipvslb.ipvs.specs import DestSpec, Op, OpKind, ServiceSpec
 def plan(desired: Sequence[tuple[ServiceSpec, Sequence[DestSpec]]],
          kernel: Mapping[tuple, ServiceSpec],
          kernel_dests: Mapping[tuple, Mapping[tuple, DestSpec]],
-         owned: AbstractSet[tuple]) -> list[Op]:
+         owned: AbstractSet[tuple],
+         known: Mapping[int, tuple[ServiceSpec, Sequence[DestSpec]]] | None = None) -> list[Op]:
     """desired: every configured service with its destinations (weights already final);
     kernel: every service in the kernel by key; kernel_dests: the destinations by key of
-    the desired services that exist in the kernel; owned: keys of services we may delete."""
+    the desired services that exist in the kernel; owned: keys of services we may delete;
+    known: by id of the spec, (spec, destinations) the kernel is known to hold already,
+    skipped when they come again as the very same objects."""
     ops: list[Op] = []
     wanted = set()
+    known = known or {}
     for service, dests in desired:
         key = service.key
         wanted.add(key)
+        same = known.get(id(service))
+        if same is not None and same[0] is service and same[1] is dests:
+            continue
         current = kernel.get(key)
         if current is None:
             ops.append(Op(OpKind.ADD_SERVICE, service))

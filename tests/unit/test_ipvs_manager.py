@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import random
 import time
 from pathlib import Path
 
@@ -223,6 +224,77 @@ def test_a_change_from_the_snapshot_sends_only_its_writes_and_reads_nothing(worl
                                                     "delete-service", "edit-dest"]
     assert weights(kernel) == {(1, 8080): 4, (3, 8080): 1}
     assert m.apply([changed, DNS_TCP]).writes == 0
+
+
+def test_a_trusted_apply_plans_only_services_that_are_not_the_objects_last_applied(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB, DNS])
+    # What the snapshot says of WEB, made wrong: a plan that looked would repair it.
+    m._snapshot.dests[("tcp", WEB.vip.packed, 80)][(B[1].address.packed, 8080)] = _web_with(B[1], 9)[1]
+    assert m.apply([WEB, DNS]).ops == []   # the same objects: not looked at
+    equal = dataclasses.replace(WEB)       # equal, but another object: planned
+    assert [(op.kind.value, op.dest.weight) for op in m.apply([equal, DNS]).ops] == [("edit-dest", 1)]
+
+
+def test_a_weight_written_outside_apply_is_planned_again(world):
+    kernel, vips, settings, start = world
+    m = start()
+    m.apply([WEB])
+    m.set_weight(WEB.key, B[1].key, 0)
+    m.hold_weight(WEB.key, B[1].key, None)  # health gives it back; the next apply writes it
+    assert m.apply([WEB]).writes == 1 and weights(kernel)[(1, 8080)] == 1
+
+
+def test_any_sequence_of_applies_and_weight_changes_leaves_the_kernel_as_wanted(world):
+    """Same objects, equal new objects and changed services, between weight writes,
+    holds and drains: after each apply the kernel (read back) is what is wanted."""
+    kernel, vips, settings, start = world
+    rng = random.Random(3)
+    m = start()
+    pool = [WEB, DNS, DNS_TCP, WEB6]
+    applied: list[Service] = []
+    wanted: list[Service] = [WEB, DNS]
+    held: dict[tuple, int] = {}   # (service key, backend key) -> weight health wants
+    drained: set[tuple] = set()
+    for step in range(1500):
+        match rng.randrange(6):
+            case 0:
+                wanted = rng.sample(pool, rng.randint(1, len(pool)))
+            case 1:
+                wanted = [dataclasses.replace(s) for s in wanted]
+            case 2:
+                i = rng.randrange(len(wanted))
+                backends = tuple(dataclasses.replace(b, weight=rng.randint(1, 3)) for b in wanted[i].backends)
+                wanted[i] = dataclasses.replace(wanted[i], backends=backends)
+            case 3 | 4 | 5 if applied:
+                svc = rng.choice(applied)
+                backend = rng.choice(svc.backends)
+                slot = (svc.key, backend.key)
+                if step % 3 == 0:
+                    drain = rng.random() < 0.5
+                    m.drain(svc.key, backend.key, drain)
+                    drained = drained | {slot} if drain else drained - {slot}
+                else:
+                    weight = rng.choice([0, 1, 2, None])
+                    (m.set_weight if step % 2 else m.hold_weight)(svc.key, backend.key, weight)
+                    # (set_weight gives a backend back to the configuration at its weight.)
+                    if weight is None or step % 2 and weight >= backend.weight:
+                        held.pop(slot, None)
+                    else:
+                        held[slot] = weight
+        if rng.random() < 0.5:
+            continue  # more than one change between two applies
+        m.apply(wanted, verify=rng.random() < 0.1)
+        applied = list(wanted)
+        configured = {(s.key, b.key): b.weight for s in applied for b in s.backends}
+        held = {k: w for k, w in held.items() if k in configured and w < configured[k]}
+        drained &= configured.keys()
+        client = IPVS(sock=kernel, family=FAMILY)
+        got = {ks.spec: {d.spec for d in client.dests(ks.spec)} for ks in client.services()}
+        want = {service_spec(s): {dest_spec(s, b, 0 if (s.key, b.key) in drained else min(b.weight, held.get(
+            (s.key, b.key), b.weight))) for b in s.backends} for s in applied}
+        assert got == want, f"step {step}"
 
 
 def test_a_stale_snapshot_is_verified_first(world):
