@@ -141,3 +141,27 @@ def test_runs_at_the_start_and_end_are_found_without_the_line_scan():
     short, found = config._shortened(text)
     assert [len(run) for run in found] == [7, 12] and "svc8" not in short
     assert outcome(text) == from_nothing(text)
+
+
+def test_any_small_edit_of_characters_parses_as_from_nothing():
+    """Edits anywhere, mid-line too, so that the parts the old and new text start and end
+    with stop inside entries, keys and quotes."""
+    pieces = [" ", "\n", "-", "#", "'", '"', "[", "]", "{", "}", ":", ",", "a", "1", "\t", "\r", "  - ",
+              "\n  - name: k\n"]
+    for seed in range(12):
+        rng = random.Random(seed)
+        forget()
+        text = HEAD + "".join(service(i) for i in range(rng.randint(1, 8)))
+        outcome(text)
+        for step in range(25):
+            if rng.random() < 0.5:
+                text = HEAD + "".join(service(i) for i in range(rng.randint(1, 8)))
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(text) + 1)
+                if rng.random() < 0.5:
+                    text = text[:at] + rng.choice(pieces) + text[at:]
+                else:
+                    text = text[:at] + text[at + rng.randint(1, 5):]
+            reused = outcome(text)
+            assert reused == from_nothing(text), f"seed {seed}, step {step}: {text!r}"
+            outcome(text)
