@@ -420,10 +420,10 @@ def _ends_entry(text: str, at: int, first_line: str) -> bool:
     return line > at and after - line <= dash
 
 
-def _entries_at(text: str, texts: list[str | None] | None, first_line: int) -> list[tuple[int, int, str]]:
+def _entries_at(text: str, texts: list[str | None] | None, line: int) -> list[tuple[int, int, str]]:
     """Where the entries of `services` with these texts are in `text`, in order; [] when
     that is not certain: an entry not reusable, or one not where a parse put it (the first
-    on the line its node started on, each next one after only blank and comment lines)."""
+    on `line`, where its node started, each next one after only blank and comment lines)."""
     found: list[tuple[int, int, str]] = []
     at = 0
     for entry in texts or ():
@@ -440,7 +440,7 @@ def _entries_at(text: str, texts: list[str | None] | None, first_line: int) -> l
             indent = len(entry) - len(entry.lstrip(" "))
             if _TRAILER.match(text, at).end() != start + indent:  # type: ignore[union-attr]
                 return []
-        elif text.count("\n", 0, start) != first_line or (start and text[start - 1] != "\n"):
+        elif text.count("\n", 0, start) != line or (start and text[start - 1] != "\n"):
             return []
         at = start + len(entry)
         found.append((start, at, entry))
