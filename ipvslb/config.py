@@ -463,18 +463,8 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _common_suffix(a: str, b: str, most: int) -> int:
-    """The length of the longest common suffix, at most `most`, as _common_prefix."""
-    la, lb = len(a), len(b)
-    low, high = 0, most
-    if a[la - high:] == b[lb - high:]:
-        return high
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[la - mid:la - low] == b[lb - mid:lb - low]:
-            low = mid
-        else:
-            high = mid
-    return low
+    """The length of the longest common suffix, at most `most`."""
+    return min(most, _common_prefix(a[::-1], b[::-1]))
 
 
 def _shortened(text: str) -> tuple[str, list[list[str]]]:
